@@ -40,9 +40,7 @@ class Digest(str):
                 hint="supported algorithms: " + ", ".join(ALGORITHMS),
             )
         if len(hx) != want:
-            raise InvalidDigestError(
-                f"invalid digest {value!r}: {alg} needs {want} hex digits, got {len(hx)}"
-            )
+            raise InvalidDigestError(f"invalid digest {value!r}: {alg} needs {want} hex digits, got {len(hx)}")
         if not re.fullmatch(r"[0-9a-f]+", hx):
             raise InvalidDigestError(f"invalid digest {value!r}: the hex part must be lowercase 0-9a-f")
         return super().__new__(cls, value)

@@ -1,0 +1,3 @@
+from imagevol.cli import main
+
+main()

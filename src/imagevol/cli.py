@@ -1,0 +1,225 @@
+"""The `imagevol` command line: argument parsing and output only; the work is in the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from .errors import EXIT_ERROR, ImagevolError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Map library errors to one `error:` line (plus a hint) and the shared exit codes."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ImagevolError as e:
+            _fail(e.message, e.hint, e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", "run the command again: completed downloads are kept", 130)
+        except OSError as e:
+            _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), None, EXIT_ERROR)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def registry_options(fn: F) -> F:
+    """Flags every command that reads a registry shares."""
+    opts = [
+        click.option(
+            "--tls-verify",
+            type=click.BOOL,
+            default=None,
+            help="Verify TLS certificates (default true; false also allows plain http).",
+        ),
+        click.option(
+            "--cert-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Directory with ca.crt / client.cert / client.key for the registry.",
+        ),
+        click.option(
+            "--authfile",
+            type=click.Path(dir_okay=False),
+            default=None,
+            envvar="REGISTRY_AUTH_FILE",
+            help="Credentials file (containers auth.json format).",
+        ),
+        click.option(
+            "--registries-conf",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="containers-registries.conf v2 file (mirrors, rewrites, insecure, blocked).",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0.1),
+            default=60.0,
+            show_default=True,
+            help="Seconds to wait for a registry to answer before retrying.",
+        ),
+        click.option(
+            "--retries",
+            type=click.IntRange(min=0),
+            default=5,
+            show_default=True,
+            help="Retries on 429/5xx and connection resets.",
+        ),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def make_options(kw: dict[str, Any]) -> Any:
+    from .sources.registry import RegistryOptions
+
+    return RegistryOptions(
+        tls_verify=kw.pop("tls_verify", None),
+        cert_dir=kw.pop("cert_dir", None),
+        authfile=kw.pop("authfile", None),
+        registries_conf=kw.pop("registries_conf", None),
+        read_timeout=kw.pop("timeout", 60.0),
+        retries=kw.pop("retries", 5),
+    )
+
+
+def parse_nodes(values: tuple[str, ...], default: list[str] | None = None) -> list[list[Any]]:
+    from .platform import host_platform, parse_platform_list
+
+    if not values:
+        if default:
+            return [parse_platform_list(v) for v in default]
+        return [[host_platform()]]
+    return [parse_platform_list(v) for v in values]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False),
+    envvar="IMAGEVOL_ROOT",
+    default=None,
+    help="Store directory (default /var/lib/imagevol as root, else ~/.local/share/imagevol).",
+)
+@click.version_option(package_name="imagevol")
+@click.pass_context
+def main(ctx: click.Context, root: str | None) -> None:
+    """Mount OCI images and artifacts (AI model weights above all) as read-only volumes, on any
+    CPU architecture, with an explicit platform policy and an explanation of every choice.
+
+    \b
+    Exit codes: 0 success, 1 error, 2 usage, 3 no manifest matches the platform,
+    4 content refused (verification failed or unsafe content).
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["root"] = root or default_root()
+
+
+def default_root() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/imagevol"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "imagevol")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as JSON.")
+@registry_options
+@handle_errors
+def inspect(ref: str, as_json: bool, **kw: Any) -> None:
+    """Show the descriptor tree of REF: index entries with platforms, image or artifact,
+    artifactType, config type, layers with media type, size and title.
+
+    REF is a registry reference (`registry.example.com/models/llama:v1`) or an OCI layout
+    (`oci:PATH[:TAG|@DIGEST]`)."""
+    from .explain import inspect_tree, render_tree
+    from .sources.factory import open_source
+
+    source = open_source(ref, options=make_options(kw))
+    tree = inspect_tree(source)
+    if as_json:
+        click.echo(json.dumps({"reference": ref, "source": source.describe(), "tree": tree}, indent=2))
+    else:
+        click.echo(render_tree(ref, tree))
+
+
+@main.command()
+@click.argument("ref")
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    metavar="P[,P...]",
+    help="A node's platform preference list, e.g. linux/arm64,linux/amd64. Repeat for more "
+    "nodes. Default: linux/amd64, linux/arm64 and linux/arm/v7.",
+)
+@click.option(
+    "--platform-policy",
+    type=click.Choice(["native", "any"]),
+    default="native",
+    show_default=True,
+    help="native: runtime (CRI-O) matching; any: if nothing matches, the first entry.",
+)
+@click.option(
+    "--runtime",
+    "runtimes",
+    multiple=True,
+    type=click.Choice(["imagevol", "crio", "containerd"]),
+    help="Predict this runtime's image volume (repeatable). Default: all three.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show every index entry's verdict.")
+@registry_options
+@handle_errors
+def explain(
+    ref: str,
+    platforms: tuple[str, ...],
+    platform_policy: str,
+    runtimes: tuple[str, ...],
+    as_json: bool,
+    verbose: bool,
+    **kw: Any,
+) -> None:
+    """For each node platform, which manifest of REF is chosen and why, or why none matches and
+    what would fix it; with --runtime, what CRI-O 1.34 or containerd 2.1 would do.
+
+    Exits 3 when, on some node asked, a runtime asked for (default: imagevol) mounts nothing."""
+    from .explain import DEFAULT_NODES, RUNTIMES, outcome_json, render_explain
+    from .explain import explain as do_explain
+    from .sources.factory import open_source
+
+    nodes = parse_nodes(platforms, list(DEFAULT_NODES))
+    source = open_source(ref, options=make_options(kw))
+    result = do_explain(source, nodes, list(runtimes) or list(RUNTIMES), platform_policy)
+    if as_json:
+        click.echo(json.dumps({"reference": ref, **outcome_json(result)}, indent=2))
+    else:
+        click.echo(render_explain(ref, result, verbose=verbose))
+    # Exit status: the runtimes asked for, or imagevol's own outcome when none was asked.
+    judged = set(runtimes) or {"imagevol"}
+    failed = [o for n in result["nodes"] for o in n["outcomes"] if o.runtime in judged and not o.mounts]
+    if failed:
+        sys.exit(3)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Image sources: registries, OCI layouts and the local configuration they need."""
