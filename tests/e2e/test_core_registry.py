@@ -173,7 +173,8 @@ def test_token_registry_anonymous_denied_and_authfile(token_registry, tmp_path) 
     import base64
 
     auth = tmp_path / "auth.json"
-    auth.write_text(json.dumps({"auths": {token_registry.host: {"auth": base64.b64encode(f"{user}:{pw}".encode()).decode()}}}))
+    token = base64.b64encode(f"{user}:{pw}".encode()).decode()
+    auth.write_text(json.dumps({"auths": {token_registry.host: {"auth": token}}}))
     r = imagevol("inspect", ref, "--authfile", str(auth))
     assert r.returncode == 0, r.stderr
     assert pw not in r.stdout + r.stderr
