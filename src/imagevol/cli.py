@@ -221,5 +221,163 @@ def explain(
         sys.exit(3)
 
 
+def _progress_for(mode: str) -> Any:
+    if mode == "auto":
+        mode = "bars" if sys.stderr.isatty() else "none"
+    if mode == "bars":
+        from .progress import Bars
+
+        return Bars()
+    if mode == "json":
+        from .progress import JsonLines
+
+        return JsonLines()
+    return None
+
+
+def pull_options(fn: F) -> F:
+    opts = [
+        click.option("--platform", "platforms", multiple=True, metavar="P[,P...]",
+                     help="The node's platform preference list (default: this host)."),
+        click.option("--platform-policy", type=click.Choice(["native", "any"]), default="native",
+                     show_default=True, help="native: runtime matching; any: if nothing matches, the first entry."),
+        click.option("--pull", "pull_policy", type=click.Choice(["always", "missing", "never"]), default="missing",
+                     show_default=True, help="As Kubernetes' pullPolicy: Always / IfNotPresent / Never."),
+        click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True,
+                     help="Blobs fetched at once."),
+        click.option("--part-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="MiB per ranged part of a large blob."),
+        click.option("--progress", "progress_mode", type=click.Choice(["auto", "bars", "json", "none"]),
+                     default="auto", show_default=True, help="Progress on stderr."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
+    from .pull import pull
+
+    nodes = parse_nodes(kw.pop("platforms"))
+    node = [p for n in nodes for p in n]
+    options = make_options(kw)
+    prog = _progress_for(kw.pop("progress_mode"))
+    args = dict(root=ctx.obj["root"], platforms=node, policy=kw.pop("platform_policy"),
+                pull_policy=kw.pop("pull_policy"), options=options, concurrency=kw.pop("concurrency"),
+                part_size=kw.pop("part_size") << 20)
+    if prog is not None and hasattr(prog, "__enter__"):
+        with prog:
+            return pull(ref, progress=prog, **args)
+    return pull(ref, progress=prog, **args)
+
+
+@main.command("pull")
+@click.argument("ref")
+@pull_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@registry_options
+@click.pass_context
+@handle_errors
+def pull_cmd(ctx: click.Context, ref: str, as_json: bool, **kw: Any) -> None:
+    """Resolve REF for this node and fetch its content into the store (parallel, ranged,
+    resumable, verified). Prints the digest of the manifest chosen."""
+    res = do_pull(ctx, ref, kw)
+    for w in res.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        click.echo(str(res.digest))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def images(ctx: click.Context, as_json: bool) -> None:
+    """List references in the store."""
+    from .store import Store
+
+    store = Store(ctx.obj["root"])
+    refs = store.meta.list_refs() if store.root.exists() else []
+    if as_json:
+        click.echo(json.dumps([{"reference": r.ref, "digest": str(r.digest), "mediaType": r.media_type,
+                                "platform": r.platform, "source": r.source, "pulledAt": r.pulled_at}
+                               for r in refs], indent=2))
+        return
+    for r in refs:
+        click.echo(f"{r.ref}  {r.digest}  {r.platform or ''}")
+
+
+@main.command()
+@click.argument("ref")
+@click.pass_context
+@handle_errors
+def rm(ctx: click.Context, ref: str) -> None:
+    """Forget REF (its content goes at the next gc, unless a volume or another reference holds it)."""
+    from .errors import ImagevolError, NotFoundError
+    from .pull import ref_key
+    from .reference import parse_any
+    from .store import Store
+
+    store = Store(ctx.obj["root"])
+    key = ref_key(parse_any(ref))
+    rec = store.meta.get_ref(key)
+    if rec is None:
+        raise NotFoundError(f"{key} is not in the store", hint="`imagevol images` lists what is")
+    users = [v for v in store.meta.list_volumes() if v.ref == key]
+    if users:
+        raise ImagevolError(f"{key} is in use by {len(users)} volume(s): " + ", ".join(v.target for v in users),
+                            hint="unmount them first (`imagevol unmount TARGET`)")
+    store.meta.remove_ref(key)
+    click.echo(f"removed {key}")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Remove content no reference, volume or pull in flight holds."""
+    from .store import Store
+    from .store import gc as run_gc
+
+    res = run_gc(Store(ctx.obj["root"]), dry_run=dry_run)
+    freed = getattr(res, "bytes_freed", 0)
+    if as_json:
+        click.echo(json.dumps({"removed": [str(d) for d in res.removed], "bytesFreed": freed,
+                               "dryRun": dry_run}, indent=2))
+    else:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), {freed} bytes")
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Quarantine bad blobs and drop dangling records.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
+    """Re-verify every blob in the store; exit 4 when something is wrong (and not repaired)."""
+    import dataclasses
+
+    from .store import Store
+    from .store import fsck as run_fsck
+
+    res = run_fsck(Store(ctx.obj["root"]), repair=repair)
+    doc = {k: ([str(x) for x in v] if isinstance(v, list) else v) for k, v in dataclasses.asdict(res).items()}
+    if as_json:
+        click.echo(json.dumps({**doc, "ok": res.ok}, indent=2, default=str))
+    else:
+        for k, v in doc.items():
+            if isinstance(v, list) and v:
+                click.echo(f"{k}: {len(v)}")
+                for x in v[:20]:
+                    click.echo(f"  {x}")
+        click.echo("ok" if res.ok else "problems found")
+    if not res.ok and not repair:
+        sys.exit(4)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

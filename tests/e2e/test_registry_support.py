@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import urllib3
+
 from tests.support import oci
 from tests.support.registry import Registry, RegistryStartError, issue_cert
 from tests.support.tokenserver import TokenServer, decode_jwt, parse_scope

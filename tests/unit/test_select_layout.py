@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tests.support.fixtures import ALL, build_core_layout, expectations
 
 from imagevol.errors import NoMatchError
 from imagevol.explain import predict
@@ -11,6 +10,7 @@ from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_any
 from imagevol.select import select_manifest
 from imagevol.sources.layout import LayoutSource
+from tests.support.fixtures import ALL, build_core_layout, expectations
 
 
 @pytest.fixture(scope="module")

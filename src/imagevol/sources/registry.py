@@ -580,35 +580,86 @@ class _ResponseReader:
 
 
 class RegistrySource:
-    """A Source for one reference in a registry (through mirrors when configured)."""
+    """A Source for one reference in a registry, through the mirrors of registries.conf.
+
+    Endpoints are tried in order (mirrors first, then the registry itself); the first that serves
+    the manifest serves the blobs, and the others are fallbacks. Every byte is verified whatever
+    endpoint served it, so a mirror can be fast but cannot lie.
+    """
 
     def __init__(
-        self, ref: Reference, transport: Transport | None = None, *, host: str | None = None, repo: str | None = None
+        self,
+        ref: Reference,
+        transport: Transport | None = None,
+        *,
+        endpoints: list[tuple[str, str]] | None = None,
     ) -> None:
         self.ref = ref
         self.transport = transport or Transport()
-        self.client = RegistryClient(self.transport, host or ref.api_domain, repo or ref.path)
+        eps = endpoints or [(ref.api_domain, ref.path)]
+        self.clients = [RegistryClient(self.transport, host, repo) for host, repo in eps]
+        self.client = self.clients[-1]  # the origin (last endpoint)
+        self._preferred: RegistryClient | None = None
 
     def describe(self) -> str:
-        return f"registry {self.client.host}/{self.client.repo}"
+        c = self._preferred or self.client
+        return f"registry {c.host}/{c.repo}"
+
+    def _ordered(self) -> list[RegistryClient]:
+        if self._preferred is None:
+            return list(self.clients)
+        return [self._preferred, *[c for c in self.clients if c is not self._preferred]]
+
+    def _try(self, what: str, fn: Callable[[RegistryClient], Any]) -> Any:
+        failures: list[str] = []
+        last: Exception | None = None
+        for c in self._ordered():
+            try:
+                out = fn(c)
+                self._preferred = c
+                return out
+            except (TransportError, RegistryError, NotFoundError, DigestMismatchError, ManifestError) as e:
+                if len(self.clients) == 1:
+                    raise
+                log.info("endpoint %s failed for %s: %s", c.host, what, e)
+                failures.append(f"{c.host}: {e}")
+                last = e
+        assert last is not None
+        if isinstance(last, (DigestMismatchError, ManifestError)):
+            raise last
+        raise type(last)(
+            f"{what}: every endpoint failed: " + "; ".join(failures),
+            hint="check the mirrors in registries.conf and that the registry is reachable",
+        ) if type(last) in (TransportError, NotFoundError) else last
 
     def resolve(self) -> tuple[Descriptor, Manifest | Index]:
         reference = str(self.ref.digest) if self.ref.digest else (self.ref.tag or "latest")
-        body, ctype, digest = self.client.get_manifest(reference, expected=self.ref.digest)
-        doc = parse_manifest(body, ctype, expected_digest=digest, where=f"manifest {self.ref}")
-        return Descriptor(doc.media_type, digest, len(body)), doc
+
+        def get(c: RegistryClient) -> tuple[Descriptor, Manifest | Index]:
+            body, ctype, digest = c.get_manifest(reference, expected=self.ref.digest)
+            doc = parse_manifest(body, ctype, expected_digest=digest, where=f"manifest {self.ref}")
+            return Descriptor(doc.media_type, digest, len(body)), doc
+
+        return self._try(f"manifest {self.ref}", get)
 
     def manifest(self, desc: Descriptor) -> Manifest | Index:
-        body, _ctype, _ = self.client.get_manifest(str(desc.digest), expected=desc.digest)
-        # The descriptor's media type is authoritative for children; the registry's header is advisory.
-        return parse_manifest(body, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
+        def get(c: RegistryClient) -> Manifest | Index:
+            body, _ctype, _ = c.get_manifest(str(desc.digest), expected=desc.digest)
+            # The descriptor's media type is authoritative for children; the header is advisory.
+            return parse_manifest(body, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
+
+        return self._try(f"manifest {desc.digest}", get)
 
     def blob_bytes(self, desc: Descriptor, max_size: int = MAX_CONFIG_SIZE) -> bytes:
         if desc.data is not None:
             return desc.data
         if desc.size > max_size:
             raise ManifestError(f"blob {desc.digest} is {desc.size} bytes, over the {max_size} byte limit")
-        return self.client.get_blob_bytes(desc.digest, max_size)
+        return self._try(f"blob {desc.digest}", lambda c: c.get_blob_bytes(desc.digest, max_size))
 
     def open_blob(self, desc: Descriptor, offset: int = 0) -> BinaryIO:
-        return _ResponseReader(self.client.open_blob(desc.digest, offset))  # type: ignore[return-value]
+        return _ResponseReader(self.open_range(desc, offset, None))  # type: ignore[return-value]
+
+    def open_range(self, desc: Descriptor, start: int, end: int | None) -> urllib3.BaseHTTPResponse:
+        """A streaming response for [start, end) of a blob; status 200 means the server ignored Range."""
+        return self._try(f"blob {desc.digest}", lambda c: c.open_blob(desc.digest, start, end))

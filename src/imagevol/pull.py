@@ -1,0 +1,386 @@
+"""Pull: resolve a reference for a node, then fetch the chosen manifest's blobs into the store.
+
+Fast and safe: blobs of a manifest are fetched concurrently (bounded); a large blob is split into
+ranged parts fetched in parallel when the server honours Range (a 200 answer falls back to one
+stream); every blob is verified before it enters the store; an interrupted pull resumes from the
+parts already on disk; two processes pulling one blob download it once (the store's ingest lock).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from .digest import Digest, Verifier
+from .errors import DigestMismatchError, ImagevolError, NotFoundError, UsageError
+from .manifest import Descriptor, Index, Manifest
+from .platform import Platform, host_platform
+from .reference import LayoutReference, Reference, parse_any
+from .select import Selection, select_manifest
+from .sources.base import Source
+from .sources.factory import open_source
+from .sources.registry import RegistryOptions, RegistrySource
+from .sources.storesrc import StoreSource
+from .store import Store
+
+PULL_POLICIES = ("always", "missing", "never")
+CHUNK = 1 << 20
+DEFAULT_PART_SIZE = 64 << 20
+DEFAULT_CONCURRENCY = 4
+DEFAULT_PARTS_PER_BLOB = 4
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report: kind is `resolved`, `blob-start`, `bytes`, `blob-done` or `done`."""
+
+    kind: str
+    digest: str | None = None
+    size: int = 0
+    n: int = 0
+    cached: bool = False
+    message: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class PullResult:
+    """What a pull resolved and fetched."""
+
+    reference: str
+    root_digest: Digest
+    digest: Digest
+    manifest: Manifest
+    selection: Selection
+    source: str
+    downloaded: int = 0
+    reused: int = 0
+    blobs: int = 0
+    seconds: float = 0.0
+    offline: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "rootDigest": str(self.root_digest),
+            "digest": str(self.digest),
+            "kind": self.manifest.kind,
+            "platform": str(self.selection.platform) if self.selection.platform else None,
+            "how": self.selection.how,
+            "source": self.source,
+            "downloadedBytes": self.downloaded,
+            "reusedBytes": self.reused,
+            "blobs": self.blobs,
+            "seconds": round(self.seconds, 3),
+            "offline": self.offline,
+            "warnings": self.warnings,
+        }
+
+
+def ref_key(ref: Reference | LayoutReference) -> str:
+    """The key a reference is recorded under in the store (canonical form; layouts by absolute path)."""
+    if isinstance(ref, LayoutReference):
+        return str(LayoutReference(os.path.abspath(ref.path), ref.tag, ref.digest))
+    return str(ref)
+
+
+def _needed(manifest: Manifest) -> list[Descriptor]:
+    out: list[Descriptor] = []
+    seen: set[str] = set()
+    for d in (manifest.config, *manifest.layers):
+        if d.data is not None and d is manifest.config:
+            continue
+        if str(d.digest) not in seen:
+            seen.add(str(d.digest))
+            out.append(d)
+    return out
+
+
+class _Fetcher:
+    """Downloads blobs into the store: concurrent, ranged, resumable, verified."""
+
+    def __init__(
+        self,
+        store: Store,
+        source: Source,
+        *,
+        concurrency: int,
+        part_size: int,
+        parts_per_blob: int,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.concurrency = max(1, concurrency)
+        self.part_size = max(1 << 20, part_size)
+        self.parts_per_blob = max(1, parts_per_blob)
+        self.progress = progress
+        self.downloaded = 0
+        self.reused = 0
+        self._mu = threading.Lock()
+        self._cancel = threading.Event()
+
+    def _emit(self, ev: ProgressEvent) -> None:
+        if self.progress is not None:
+            self.progress(ev)
+
+    def _count(self, digest: Digest, n: int) -> None:
+        with self._mu:
+            self.downloaded += n
+        self._emit(ProgressEvent("bytes", str(digest), n=n))
+
+    def fetch_all(self, descs: Iterable[Descriptor]) -> None:
+        descs = list(descs)
+        todo = []
+        for d in descs:
+            if self.store.has_blob(d.digest, d.size):
+                self.reused += d.size
+                self._emit(ProgressEvent("blob-done", str(d.digest), size=d.size, cached=True))
+            else:
+                todo.append(d)
+        if not todo:
+            return
+        # Small blobs first so configs and metadata land early; big ones get the parallel parts.
+        todo.sort(key=lambda d: d.size)
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob") as pool:
+            futures = [pool.submit(self.fetch, d) for d in todo]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    self._cancel.set()
+                    for g in futures:
+                        g.cancel()
+                    raise f.exception()  # type: ignore[misc]
+
+    def fetch(self, desc: Descriptor) -> None:
+        if desc.data is not None:
+            self.store.put_bytes(desc.data, desc.digest)
+            return
+        self._emit(ProgressEvent("blob-start", str(desc.digest), size=desc.size))
+        with self.store.ingest(desc.digest, desc.size) as ing:
+            if ing.already_present:
+                with self._mu:
+                    self.reused += desc.size
+                self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size, cached=True))
+                return
+            done_before = sum(e - s for s, e in ing.completed_ranges())
+            if done_before:
+                with self._mu:
+                    self.reused += done_before
+                self._emit(ProgressEvent("bytes", str(desc.digest), n=done_before, cached=True))
+            if desc.size > self.part_size and isinstance(self.source, RegistrySource):
+                verified = self._ranged(desc, ing)
+            else:
+                verified = self._stream(desc, ing)
+            ing.commit(verified_digest=verified)
+        self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size))
+
+    def _stream(self, desc: Descriptor, ing: Any) -> Digest | None:
+        """One stream from the resume point, hashed as it passes: the blob is read once."""
+        verifier, offset = ing.resume_verifier()
+        if offset >= desc.size:
+            return verifier.digest() if verifier.verified() else None
+        f = self.source.open_blob(desc, offset)
+        try:
+            start = offset
+            if offset and isinstance(self.source, RegistrySource):
+                status = getattr(getattr(f, "resp", None), "status", 206)
+                if status == 200:  # server ignored Range: restart from zero
+                    verifier, offset, start = Verifier(desc.digest), 0, 0
+            last_mark = offset
+            while not self._cancel.is_set():
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                if offset + len(chunk) > desc.size:
+                    raise DigestMismatchError(
+                        f"blob {desc.digest} from {self.source.describe()} is longer than its {desc.size} bytes",
+                        hint="the source served wrong content; nothing was stored",
+                    )
+                ing.write_at(offset, chunk)
+                verifier.update(chunk)
+                offset += len(chunk)
+                self._count(desc.digest, len(chunk))
+                if offset - last_mark >= self.part_size:
+                    ing.mark_complete(start, offset)
+                    last_mark = offset
+            if self._cancel.is_set():
+                raise ImagevolError("pull cancelled")
+        finally:
+            f.close()
+        if offset != desc.size:
+            ing.mark_complete(start, offset)
+            raise DigestMismatchError(
+                f"blob {desc.digest} from {self.source.describe()} ended after {offset} of {desc.size} bytes",
+                hint="the connection was cut or the source is truncated; run the pull again to resume",
+            )
+        ing.mark_complete(start, offset)
+        verifier.verify(f"blob {desc.digest} from {self.source.describe()}")
+        return verifier.digest()
+
+    def _ranged(self, desc: Descriptor, ing: Any) -> Digest | None:
+        """Parallel ranged parts; a 200 to a Range request falls back to one stream."""
+        assert isinstance(self.source, RegistrySource)
+        parts = ing.missing_ranges(self.part_size)
+        if not parts:
+            return None
+        source = self.source
+        fallback = threading.Event()
+
+        def part(rng: tuple[int, int]) -> None:
+            start, end = rng
+            if fallback.is_set() or self._cancel.is_set():
+                return
+            resp = source.open_range(desc, start, end)
+            try:
+                if resp.status == 200:
+                    fallback.set()
+                    return
+                pos = start
+                while pos < end:
+                    if self._cancel.is_set():
+                        return
+                    chunk = resp.read(min(CHUNK, end - pos))
+                    if not chunk:
+                        break
+                    ing.write_at(pos, chunk)
+                    pos += len(chunk)
+                    self._count(desc.digest, len(chunk))
+                extra = resp.read(1) if pos == end else b""
+            finally:
+                resp.drain_conn()
+                resp.release_conn()
+            if pos != end or extra:
+                if pos > start:
+                    ing.mark_complete(start, pos)
+                raise DigestMismatchError(
+                    f"blob {desc.digest}: range {start}-{end - 1} from {source.describe()} returned "
+                    f"{pos - start}{'+' if extra else ''} bytes",
+                    hint="the registry served a wrong range; run the pull again to resume",
+                )
+            ing.mark_complete(start, end)
+
+        with ThreadPoolExecutor(max_workers=self.parts_per_blob, thread_name_prefix="imagevol-part") as pool:
+            futures = [pool.submit(part, p) for p in parts]
+            for f in futures:
+                f.result()
+        if fallback.is_set():
+            return self._stream(desc, ing)
+        return None  # commit hashes the file once (from the page cache)
+
+
+def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Manifest | Index) -> None:
+    """Keep the root, every index walked and the chosen manifest, with parent -> child links."""
+    store.put_bytes(root_doc.raw, sel.root.digest)
+    chain: list[Digest] = [sel.root.digest]
+    for step in sel.steps:
+        if step.chosen is None:
+            continue
+        entry = next((e for e in step.entries if e.position == step.chosen), None)
+        if entry is None:
+            continue
+        child = entry.descriptor
+        doc = source.manifest(child)
+        store.put_bytes(doc.raw, child.digest)
+        store.meta.set_children(Digest(step.digest), [child.digest])
+        chain.append(child.digest)
+    m = sel.manifest
+    store.put_bytes(m.raw, sel.descriptor.digest)
+    store.meta.set_children(sel.descriptor.digest, [d.digest for d in _needed(m)] + (
+        [m.config.digest] if m.config.data is not None else []))
+
+
+def _offline(store: Store, ref: Reference | LayoutReference) -> StoreSource | None:
+    key = ref_key(ref)
+    rec = store.meta.get_ref(key)
+    if rec is not None and store.has_blob(rec.digest):
+        return StoreSource(store, rec.digest, rec.media_type, key)
+    if ref.digest is not None and store.has_blob(ref.digest):
+        return StoreSource(store, ref.digest, "", key)
+    return None
+
+
+def _complete(store: Store, sel: Selection) -> bool:
+    return all(d.data is not None or store.has_blob(d.digest, d.size) for d in _needed(sel.manifest))
+
+
+def pull(
+    ref: str | Reference | LayoutReference,
+    *,
+    root: str | os.PathLike[str] | Store,
+    platforms: list[Platform] | None = None,
+    policy: str = "native",
+    pull_policy: str = "missing",
+    options: RegistryOptions | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    part_size: int = DEFAULT_PART_SIZE,
+    parts_per_blob: int = DEFAULT_PARTS_PER_BLOB,
+    progress: ProgressFn | None = None,
+) -> PullResult:
+    """Resolve `ref` for the node (`platforms`, a preference list; default this host) and make the
+    chosen manifest's content present and verified in the store at `root`.
+
+    pull_policy as in Kubernetes: `always` resolves at the source; `missing` (IfNotPresent) uses
+    the store when the reference was pulled before and its content is complete; `never` uses only
+    the store and fails clearly when content is absent.
+    """
+    if pull_policy not in PULL_POLICIES:
+        raise UsageError(f"unknown pull policy {pull_policy!r}", hint="use always, missing or never")
+    t0 = time.monotonic()
+    r = parse_any(ref) if isinstance(ref, str) else ref
+    store = root if isinstance(root, Store) else Store(root)
+    node = platforms or [host_platform()]
+    key = ref_key(r)
+
+    if pull_policy in ("missing", "never"):
+        src = _offline(store, r)
+        if src is not None:
+            try:
+                sel = select_manifest(src, node, policy=policy)
+                if _complete(store, sel):
+                    if progress:
+                        progress(ProgressEvent("resolved", str(sel.descriptor.digest), message="in store"))
+                    return PullResult(key, sel.root.digest, sel.descriptor.digest, sel.manifest, sel,
+                                      src.describe(), reused=sel.manifest.total_size, offline=True,
+                                      seconds=time.monotonic() - t0, warnings=sel.warnings)
+            except NotFoundError:
+                pass  # e.g. another platform's manifest was never fetched: go to the source
+        if pull_policy == "never":
+            raise NotFoundError(
+                f"{key} is not in the store at {store.root} (pull policy never)",
+                hint="pull it first (`imagevol pull`), or use --pull missing",
+            )
+
+    source = open_source(r, options=options)
+    resolved = source.resolve()
+    sel = select_manifest(source, node, policy=policy, resolved=resolved)
+    if progress:
+        progress(ProgressEvent("resolved", str(sel.descriptor.digest), size=sel.manifest.total_size,
+                               message=source.describe()))
+    lease = f"pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    fetcher = _Fetcher(store, source, concurrency=concurrency, part_size=part_size,
+                       parts_per_blob=parts_per_blob, progress=progress)
+    with store.lock("gc", shared=True):
+        store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
+        try:
+            _store_manifests(store, source, sel, resolved[1])
+            fetcher.fetch_all(_needed(sel.manifest))
+            store.meta.set_ref(key, sel.root.digest, media_type=resolved[1].media_type,
+                               platform=str(sel.platform) if sel.platform else None, source=source.describe())
+        finally:
+            store.meta.remove_lease(lease)
+    if progress:
+        progress(ProgressEvent("done", str(sel.descriptor.digest)))
+    return PullResult(key, sel.root.digest, sel.descriptor.digest, sel.manifest, sel, source.describe(),
+                      downloaded=fetcher.downloaded, reused=fetcher.reused, blobs=len(_needed(sel.manifest)),
+                      seconds=time.monotonic() - t0, warnings=sel.warnings)
+
