@@ -1,5 +1,40 @@
-"""imagevol: mount OCI images and artifacts as read-only volumes on any CPU architecture."""
+"""imagevol: mount OCI images and artifacts as read-only volumes on any CPU architecture.
+
+The public API is a handful of calls; each returns a typed result and raises
+:class:`imagevol.errors.ImagevolError` subclasses whose messages say what to do.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "explain", "inspect", "pull"]
+
+if TYPE_CHECKING:
+    from .pull import PullResult
+
+
+def pull(ref: str, **kwargs: Any) -> PullResult:
+    """Resolve `ref` for a node and fetch its content into the store (see :func:`imagevol.pull.pull`)."""
+    from .pull import pull as _pull
+
+    return _pull(ref, **kwargs)
+
+
+def inspect(ref: str, **kwargs: Any) -> dict[str, Any]:
+    """The descriptor tree of `ref` as plain data (see :func:`imagevol.explain.inspect_tree`)."""
+    from .explain import inspect_tree
+    from .sources.factory import open_source
+
+    return inspect_tree(open_source(ref, **kwargs))
+
+
+def explain(ref: str, nodes: list[list[Any]], *, runtimes: list[str] | None = None, policy: str = "native",
+            **kwargs: Any) -> dict[str, Any]:
+    """What each runtime does with `ref` on each node (see :func:`imagevol.explain.explain`)."""
+    from .explain import RUNTIMES
+    from .explain import explain as _explain
+    from .sources.factory import open_source
+
+    return _explain(open_source(ref, **kwargs), nodes, runtimes or list(RUNTIMES), policy)
