@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
-import urllib3  # noqa: E402
+import httpx
+import urllib3
 
-from tests.support.registry import Registry  # noqa: E402
+from tests.support.registry import Registry
 
 
 def push(reg: Registry, path: Path) -> str:
