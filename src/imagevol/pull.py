@@ -360,8 +360,11 @@ def pull(
                 hint="pull it first (`imagevol pull`), or use --pull missing",
             )
 
-    source = open_source(r, options=options)
+    source = open_source(ref if isinstance(ref, str) else r, options=options)
     resolved = source.resolve()
+    chosen_ref = getattr(source, "ref", r)
+    if chosen_ref != r:  # a short name resolved through a search registry
+        key = ref_key(chosen_ref)
     sel = select_manifest(source, node, policy=policy, resolved=resolved)
     if progress:
         progress(ProgressEvent("resolved", str(sel.descriptor.digest), size=sel.manifest.total_size,

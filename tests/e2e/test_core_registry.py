@@ -195,3 +195,23 @@ def test_tls_registry_with_cert_dir(tls_registry, tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     r = imagevol("inspect", ref, "--tls-verify=false")
     assert r.returncode == 0, r.stderr
+
+
+def test_short_name_search_registries(pushed, tmp_path) -> None:
+    """A short name is tried against unqualified-search-registries in order; an alias maps it."""
+    from tests.support.registry import Registry
+
+    registry, _ = pushed
+    with Registry.start(tmp_path / "empty") as empty:
+        conf = tmp_path / "registries.conf"
+        conf.write_text(f'unqualified-search-registries = ["{empty.host}", "{registry.host}"]\n')
+        r = imagevol("inspect", "core/fixtures:four-platform", "--registries-conf", str(conf), "--json")
+        assert r.returncode == 0, r.stderr
+        assert registry.host in json.loads(r.stdout)["source"]
+        r = imagevol("inspect", "core/missing:v1", "--registries-conf", str(conf))
+        assert r.returncode == 1
+        assert "search registr" in r.stderr
+    conf.write_text(f'[aliases]\n"mymodel" = "{registry.host}/core/fixtures"\n')
+    r = imagevol("inspect", "mymodel:arm64-only", "--registries-conf", str(conf), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tree"]["manifests"][0]["platform"]["architecture"] == "arm64"
