@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "explain", "inspect", "pull"]
+__all__ = ["__version__", "explain", "inspect", "mount", "pull", "unmount"]
 
 if TYPE_CHECKING:
+    from .mount import MountResult
     from .pull import PullResult
+    from .volume import Volume
 
 
 def pull(ref: str, **kwargs: Any) -> PullResult:
@@ -38,3 +40,17 @@ def explain(ref: str, nodes: list[list[Any]], *, runtimes: list[str] | None = No
     from .sources.factory import open_source
 
     return _explain(open_source(ref, **kwargs), nodes, runtimes or list(RUNTIMES), policy)
+
+
+def mount(ref: str, target: str, **kwargs: Any) -> MountResult:
+    """Mount `ref` read-only at `target` (see :func:`imagevol.mount.mount`)."""
+    from .mount import mount as _mount
+
+    return _mount(ref, target, **kwargs)
+
+
+def unmount(target: str, **kwargs: Any) -> Volume:
+    """Unmount the volume at `target` (see :func:`imagevol.mount.unmount`)."""
+    from .mount import unmount as _unmount
+
+    return _unmount(target, **kwargs)

@@ -379,5 +379,76 @@ def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
         sys.exit(4)
 
 
+@main.command("mount")
+@click.argument("ref")
+@click.argument("target", type=click.Path(file_okay=True))
+@pull_options
+@click.option("--subpath", default=None, help="Mount only this path inside the volume (for artifacts, a title prefix).")
+@click.option("--mode", type=click.Choice(["auto", "bind", "hardlink", "copy"]), default="auto", show_default=True,
+              help="auto: a read-only bind mount as root, else a read-only hard-link tree.")
+@click.option("--name-untitled", type=click.Choice(["skip", "digest"]), default="skip", show_default=True,
+              help="Artifact layers without a title: skip them (as CRI-O) or name them by digest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@registry_options
+@click.pass_context
+@handle_errors
+def mount_cmd(ctx: click.Context, ref: str, target: str, subpath: str | None, mode: str, name_untitled: str,
+              as_json: bool, **kw: Any) -> None:
+    """Mount REF read-only at TARGET: resolve for this node, pull what is missing, materialize once,
+    then a nosuid,nodev read-only bind mount (as root) or a read-only hard-link tree."""
+    from .mount import mount
+
+    nodes = parse_nodes(kw.pop("platforms"))
+    prog = _progress_for(kw.pop("progress_mode"))
+    args = dict(root=ctx.obj["root"], platforms=[p for n in nodes for p in n], policy=kw.pop("platform_policy"),
+                pull_policy=kw.pop("pull_policy"), concurrency=kw.pop("concurrency"),
+                part_size=kw.pop("part_size") << 20, subpath=subpath, mode=mode, name_untitled=name_untitled,
+                warn=lambda m: click.echo(f"warning: {m}", err=True))
+    options = make_options(kw)
+    if prog is not None and hasattr(prog, "__enter__"):
+        with prog:
+            res = mount(ref, target, options=options, progress=prog, **args)
+    else:
+        res = mount(ref, target, options=options, progress=prog, **args)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        v = res.volume
+        click.echo(f"mounted {v.ref} ({res.snapshot.flavour}, {v.digest.short}) at {v.target} [{v.mode}, read-only]")
+
+
+@main.command("unmount")
+@click.argument("target", type=click.Path())
+@click.pass_context
+@handle_errors
+def unmount_cmd(ctx: click.Context, target: str) -> None:
+    """Unmount the volume at TARGET and release its content (gc may then reclaim it)."""
+    from .mount import unmount
+
+    v = unmount(target, root=ctx.obj["root"])
+    click.echo(f"unmounted {v.target}")
+
+
+@main.command("volumes")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--prune", is_flag=True, help="Drop records of volumes whose mount is gone (reboot, manual umount).")
+@click.pass_context
+@handle_errors
+def volumes_cmd(ctx: click.Context, as_json: bool, prune: bool) -> None:
+    """List volumes, checked against the kernel's mount table."""
+    from .mount import volumes
+
+    vols = volumes(root=ctx.obj["root"], reconcile_stale=prune)
+    if as_json:
+        click.echo(json.dumps([{"id": v.id, "target": str(v.target), "reference": v.ref, "digest": str(v.digest),
+                                "mode": v.mode, "subpath": v.subpath, "mounted": v.mounted,
+                                "createdAt": v.created_at} for v in vols], indent=2))
+        return
+    for v in vols:
+        state = "mounted" if v.mounted else "GONE (run `imagevol volumes --prune`)"
+        sub = f" subpath={v.subpath}" if v.subpath else ""
+        click.echo(f"{v.target}  {v.ref}  {v.digest.short}  {v.mode}{sub}  {state}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

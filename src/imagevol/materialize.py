@@ -1,0 +1,1031 @@
+"""Turn a verified manifest into a read-only snapshot directory, once.
+
+A manifest is materialized into ``R/snapshots/<key>`` (``key`` = the manifest digest's hex, plus a
+short suffix when non-default options change the result, see :func:`snapshot_key`). The tree is
+built in ``R/snapshots/.build-<key>-<random>`` under the file lock ``store.lock("snapshot-<key>")``,
+sealed read-only and renamed into place atomically; a second caller (thread or process) waits on
+the lock and reuses the result. A crash leaves only a ``.build-*`` directory, removed by the next
+call. Facts about a snapshot (file count, warnings, what each layer became) are kept beside it in
+``R/snapshots/.info-<key>.json`` so a reuse costs no tree walk.
+
+How a manifest becomes files depends on its flavour (:func:`imagevol.manifest.flavour`):
+
+``image``
+    Layers applied in order with the safe applier (whiteouts honoured). Each layer's uncompressed
+    stream is hashed as the applier reads it and must equal the config's ``rootfs.diff_ids`` entry
+    (DigestMismatchError otherwise; the snapshot is discarded).
+``artifact`` (OCI / ORAS)
+    One file per layer at its title (``org.opencontainers.image.title``, else
+    ``org.cncf.model.filepath``, else ``org.cnai.model.filepath``). Untitled layers are skipped with
+    a warning, as CRI-O does, or named by their digest hex with ``name_untitled="digest"``. Raw files
+    are HARD LINKS to the verified blob (zero copies; blobs are 0o444, so the file is read-only);
+    across filesystems they are copied. Layers typed tar / tar+gzip / tar+zstd, or annotated
+    ``io.deis.oras.content.unpack: "true"``, are extracted as the directory named by their title
+    (whiteouts refused); a tar-typed layer whose first block is not a tar header (ORAS labels raw
+    files ``...layer.v1.tar``) is placed as a file instead.
+``modelpack`` (CNCF ModelPack)
+    ``.raw`` layers hard-linked at ``org.cncf.model.filepath``; ``.tar[+gzip|+zstd]`` layers
+    extracted so that their entries land at the file path. The mode of
+    ``org.cncf.model.file.metadata+json`` is honoured for raw files: a hard link shares the blob's
+    0o444 inode, so a file whose read-only mode is not 0o444 (executable, or owner-only) is copied
+    and chmod-ed instead of linked.
+``kitops`` (KitOps ModelKit)
+    Layers ``application/vnd.kitops.modelkit.<type>.v1.<tar|raw>[+gzip|+zstd]``. Each layer is
+    matched to its Kitfile entry by the ``digest`` the Kitfile records (KitOps >= 0.5), else by the
+    order of entries of that type (older ModelKits, as ``kit unpack`` does); the entry's path is
+    what the layer provides (``Snapshot.contents``). Tars are extracted at the snapshot root when
+    their entries carry the full path (current kit), else under the entry's directory (older kit).
+``docker-model`` (Docker Model Runner)
+    Files at ``org.cncf.model.filepath`` when present, else the runtime-bundle names Docker uses:
+    ``model.gguf`` (several: ``model-00001-of-0000N.gguf`` in layer order), ``model.safetensors``
+    (likewise), ``model.mmproj``, ``template.jinja``, ``model.dduf``, ``LICENSE``
+    (``LICENSE-00001-of-0000N``); ``dir.tar`` / ``vllm.config.tar`` layers are extracted at the
+    root; any other type is named by its digest hex.
+
+Where a tar layer belongs to a path ``P`` (title / file path), its first entry decides: entries
+that start with ``P`` are extracted at the root (ORAS directories, current modctl and kit), entries
+that start with ``P``'s last component under ``P``'s parent (older modctl and kit), anything else
+inside ``P`` as a directory.
+
+Every tar goes through :func:`imagevol.unpack.applier.apply_layer`; every other write resolves its
+path one component at a time with ``O_NOFOLLOW`` from a descriptor of the build directory, so a
+symlink made by an earlier layer is never followed: a title through a symlink is refused. A file
+layer whose path an earlier layer already provides is refused (UnsafeContentError) rather than
+silently shadowing it; tar layers merge into existing directories and replace what they overwrite,
+as the applier does for image layers.
+
+At the end the tree is sealed: write bits removed from every file and directory (hard-linked blobs
+are 0o444 already and are never chmod-ed), the snapshot root itself 0o555.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from . import mediatypes as mt
+from .digest import Digest
+from .errors import (
+    ContentRefusedError,
+    DigestMismatchError,
+    ImagevolError,
+    InvalidDigestError,
+    ManifestError,
+    StoreError,
+    UnsafeContentError,
+    UsageError,
+)
+from .manifest import MAX_CONFIG_SIZE, Descriptor, Manifest, parse_config
+from .manifest import flavour as manifest_flavour
+from .store import Store
+from .unpack.applier import ApplyOptions, apply_layer
+from .unpack.compression import open_decompressed
+
+__all__ = [
+    "MaterializeOptions",
+    "Snapshot",
+    "copy_fd",
+    "force_rmtree",
+    "materialize",
+    "snapshot_key",
+    "snapshots_dir",
+]
+
+SNAPSHOTS = "snapshots"
+BUILD_PREFIX = ".build-"
+INFO_PREFIX = ".info-"
+UNTITLED_POLICIES = ("skip", "digest")
+NAME_MAX = 255
+CHUNK = 1 << 20
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_KEY_RE = re.compile(r"^[0-9a-f]{64}(?:[0-9a-f]{64})?(?:-[0-9a-f]{12})?$")
+_MODELPACK_RE = re.compile(r"^application/vnd\.cncf\.model\.([a-z]+(?:\.[a-z]+)?)\.v1\.(raw|tar)(?:\+([a-z-]+))?$")
+_KITOPS_RE = re.compile(r"^application/vnd\.kitops\.modelkit\.(\w+)\.v1\.(\w+)(?:\+([\w-]+))?$")
+_COMPRESSIONS = {None: "none", "": "none", "none": "none", "gzip": "gzip", "gzip-fastest": "gzip", "zstd": "zstd"}
+
+# ORAS: digest of the uncompressed tar of a directory layer.
+ANN_ORAS_DIGEST = "io.deis.oras.content.digest"
+# KitOps: code-typed layers that hold prompts.
+ANN_KIT_SUBTYPE = "ml.kitops.modelkit.layer-subtype"
+
+# Docker Model Runner layer types.
+DOCKER_AI_GGUF = "application/vnd.docker.ai.gguf.v3"
+DOCKER_AI_SAFETENSORS = "application/vnd.docker.ai.safetensors"
+DOCKER_AI_LICENSE = "application/vnd.docker.ai.license"
+DOCKER_AI_MMPROJ = "application/vnd.docker.ai.mmproj"
+DOCKER_AI_CHAT_TEMPLATE = "application/vnd.docker.ai.chat.template.jinja"
+DOCKER_AI_DDUF = "application/vnd.docker.ai.dduf"
+DOCKER_AI_DIR_TAR = "application/vnd.docker.ai.dir.tar"
+DOCKER_AI_VLLM_CONFIG_TAR = "application/vnd.docker.ai.vllm.config.tar"
+#: Runtime-bundle names of Docker Model Runner: media type -> (stem, extension).
+DOCKER_AI_NAMES: dict[str, tuple[str, str]] = {
+    DOCKER_AI_GGUF: ("model", ".gguf"),
+    DOCKER_AI_SAFETENSORS: ("model", ".safetensors"),
+    DOCKER_AI_MMPROJ: ("model", ".mmproj"),
+    DOCKER_AI_CHAT_TEMPLATE: ("template", ".jinja"),
+    DOCKER_AI_DDUF: ("model", ".dduf"),
+    DOCKER_AI_LICENSE: ("LICENSE", ""),
+}
+DOCKER_AI_TARS = frozenset({DOCKER_AI_DIR_TAR, DOCKER_AI_VLLM_CONFIG_TAR})
+
+
+@dataclass
+class MaterializeOptions:
+    """How to materialize.
+
+    name_untitled: artifact layers without a title: ``"skip"`` them with a warning (CRI-O), or name
+        the file by the layer's digest hex (``"digest"``).
+    apply: policies of the layer applier (None: its defaults). Artifact tar layers always run with
+        whiteouts refused.
+    """
+
+    name_untitled: str = "skip"
+    apply: ApplyOptions | None = None
+
+    def __post_init__(self) -> None:
+        if self.name_untitled not in UNTITLED_POLICIES:
+            raise UsageError(
+                f"invalid name_untitled policy {self.name_untitled!r}",
+                hint="name_untitled must be one of: " + ", ".join(UNTITLED_POLICIES),
+            )
+
+
+@dataclass
+class Snapshot:
+    """A materialized manifest: a read-only directory tree.
+
+    contents: layer digest -> where the layer went ("/" for image layers and tars extracted at the
+        root, the file or directory path otherwise, for KitOps the Kitfile path it provides, None if
+        skipped).
+    """
+
+    key: str
+    path: Path
+    digest: Digest
+    flavour: str
+    files: int
+    warnings: list[str] = field(default_factory=list)
+    created: bool = True
+    contents: dict[str, str | None] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Keys and locations
+
+
+def _apply_fields(opts: ApplyOptions) -> dict[str, Any]:
+    """The applier options that change the resulting tree (the size limits only refuse)."""
+    d = dataclasses.asdict(opts)
+    d.pop("max_ratio", None)
+    d.pop("max_size", None)
+    return d
+
+
+def _untitled_layers(manifest: Manifest, fl: str) -> bool:
+    if fl in ("artifact", "modelpack"):
+        return any(_layer_path(layer, fl) is None for layer in manifest.layers)
+    return False
+
+
+def snapshot_key(manifest: Manifest, options: MaterializeOptions | None = None) -> str:
+    """The snapshot's name: the manifest digest's hex, plus ``-<12 hex>`` when non-default options
+    change the result (``name_untitled="digest"`` with untitled layers present, or applier policies
+    that differ from the defaults)."""
+    opts = options if options is not None else MaterializeOptions()
+    fl = manifest_flavour(manifest)
+    tweaks: dict[str, Any] = {}
+    if opts.name_untitled != "skip" and _untitled_layers(manifest, fl):
+        tweaks["untitled"] = opts.name_untitled
+    if opts.apply is not None:
+        given = _apply_fields(opts.apply)
+        if given != _apply_fields(ApplyOptions()):
+            tweaks["apply"] = given
+    if not tweaks:
+        return manifest.digest.hex
+    suffix = hashlib.sha256(json.dumps(tweaks, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{manifest.digest.hex}-{suffix}"
+
+
+def snapshots_dir(store: Store) -> Path:
+    """``R/snapshots`` (created, mode 0o700)."""
+    store.ensure()
+    d = store.root / SNAPSHOTS
+    with contextlib.suppress(FileExistsError):
+        d.mkdir(mode=0o700)
+    if d.is_symlink() or not d.is_dir():
+        raise StoreError(f"{d} is not a directory")
+    return d
+
+
+def _lock_name(key: str) -> str:
+    name = f"snapshot-{key}"
+    if len(name) > 128:
+        name = "snapshot-" + hashlib.sha256(key.encode()).hexdigest()[:48]
+    return name
+
+
+def _info_path(snaps: Path, key: str) -> Path:
+    return snaps / f"{INFO_PREFIX}{key}.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# File-system helpers (shared with imagevol.volume)
+
+
+def copy_fd(src: int, dst: int) -> int:
+    """Copy the rest of ``src`` to ``dst`` (in-kernel when possible); returns the bytes copied."""
+    total = 0
+    try:
+        while True:
+            n = os.copy_file_range(src, dst, 1 << 30)
+            if n == 0:
+                return total
+            total += n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF):
+            raise
+    while True:
+        data = os.read(src, CHUNK)
+        if not data:
+            return total
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view) :]
+        total += len(data)
+
+
+def force_rmtree(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` and everything below it, making directories writable first (sealed trees)
+    and never following a symlink or crossing into another file system."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    parent, name = os.path.split(os.path.abspath(path))
+    pfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _rmtree_at(pfd, name, st.st_dev)
+    finally:
+        os.close(pfd)
+
+
+def _rmtree_at(pfd: int, name: str, dev: int) -> None:
+    fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+    try:
+        st = os.fstat(fd)
+        if st.st_dev != dev:
+            raise ImagevolError(f"refusing to remove {name!r}: it is on another file system (a mount point?)")
+        if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+        for child in os.listdir(fd):
+            try:
+                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(cst.st_mode):
+                _rmtree_at(fd, child, dev)
+            else:
+                os.unlink(child, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=pfd)
+
+
+def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
+    """(dir fd, name, lstat) of every entry below ``fd``, children before their directory."""
+    for name in sorted(os.listdir(fd)):
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            cfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            try:
+                yield from _walk_fd(cfd)
+            finally:
+                os.close(cfd)
+        yield fd, name, st
+
+
+def _seal(root_fd: int) -> int:
+    """Remove write bits everywhere (root: 0o555); returns the number of regular files."""
+    files = 0
+    for dfd, name, st in _walk_fd(root_fd):
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files += 1
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o222:
+            # A regular file, directory or node in our private build tree, known not to be a symlink.
+            os.chmod(name, mode & ~0o222, dir_fd=dfd, follow_symlinks=True)
+    os.fchmod(root_fd, 0o555)
+    return files
+
+
+def count_files(path: Path) -> int:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        return sum(1 for _, _, st in _walk_fd(fd) if stat.S_ISREG(st.st_mode))
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and tar probing
+
+
+def _layer_path(layer: Descriptor, fl: str) -> str | None:
+    """The path annotation of a layer: for ModelPack the file path first, else the OCI title first."""
+    keys = (
+        (mt.ANN_CNCF_FILEPATH, mt.ANN_CNAI_FILEPATH, mt.ANN_TITLE)
+        if fl == "modelpack"
+        else (mt.ANN_TITLE, mt.ANN_CNCF_FILEPATH, mt.ANN_CNAI_FILEPATH)
+    )
+    for k in keys:
+        v = layer.annotations.get(k)
+        if v:
+            return v
+    return None
+
+
+def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
+    """Split a title / file path into components, refusing anything that could escape.
+
+    Refused (UnsafeContentError): empty, NUL, absolute, a ``..`` component, and — unless
+    ``normalize`` — empty or ``.`` components (one trailing ``/`` is tolerated) and the bare ``.``.
+    With ``normalize`` (Kitfile paths), ``./`` components are dropped and ``.`` means the root.
+    """
+    if not isinstance(path, str) or not path:
+        raise UnsafeContentError(f"{what}: empty path")
+    if "\0" in path:
+        raise UnsafeContentError(f"{what}: path {path!r} contains a NUL byte")
+    if path.startswith("/"):
+        raise UnsafeContentError(f"{what}: path {path!r} is absolute", hint="paths must be relative to the volume")
+    parts = path.split("/")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    out: list[str] = []
+    for c in parts:
+        if normalize and c in ("", "."):
+            continue
+        if c == "..":
+            raise UnsafeContentError(f"{what}: path {path!r} has a '..' component", hint="it would escape the volume")
+        if c in ("", "."):
+            raise UnsafeContentError(f"{what}: path {path!r} has an empty or '.' component")
+        if len(os.fsencode(c)) > NAME_MAX:
+            raise UnsafeContentError(f"{what}: path {path[:80]!r}... has a component longer than {NAME_MAX} bytes")
+        out.append(c)
+    if not out and not normalize:
+        raise UnsafeContentError(f"{what}: path {path!r} names the volume root itself")
+    return out
+
+
+def _clean_entry(name: str) -> list[str]:
+    """Lexical cleaning of a tar entry name, like the applier's."""
+    parts: list[str] = []
+    for c in name.split("/"):
+        if c in ("", "."):
+            continue
+        if c == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(c)
+    return parts
+
+
+def _octal(field_: bytes) -> int | None:
+    s = field_.replace(b"\0", b" ").strip()
+    if not s:
+        return None
+    try:
+        return int(s, 8)
+    except ValueError:
+        return None
+
+
+def looks_like_tar(block: bytes) -> bool:
+    """True if ``block`` (the first 512 bytes of a stream) is a valid tar header: its checksum
+    matches (ustar, GNU and v7 headers all carry one). An all-zero block (an empty archive) is not
+    taken for a tar: such a layer is placed as a file."""
+    if len(block) < 512 or not block.strip(b"\0"):
+        return False
+    stored = _octal(block[148:156])
+    if stored is None:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:512])
+    signed = unsigned - 256 * sum(1 for b in block[:148] if b > 127) - 256 * sum(1 for b in block[156:512] if b > 127)
+    return stored in (unsigned, signed)
+
+
+def _tar_base(parts: list[str], first: list[str]) -> list[str]:
+    """Where a tar that belongs to path ``parts`` is extracted, from its first entry's components."""
+    if not parts:
+        return []
+    if first[: len(parts)] == parts:
+        return []  # entries carry the full path
+    if first[:1] == parts[-1:]:
+        return parts[:-1]  # entries carry the last component
+    return parts  # entries are the directory's content
+
+
+class _Tee:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, f: BinaryIO, hasher: Any | None) -> None:
+        self._f = f
+        self._h = hasher
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        if data and self._h is not None:
+            self._h.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def hexdigest(self) -> str:
+        assert self._h is not None
+        return self._h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# The builder
+
+
+class _Builder:
+    def __init__(
+        self,
+        store: Store,
+        manifest: Manifest,
+        root: Path,
+        opts: MaterializeOptions,
+        warn: Callable[[str], None] | None,
+    ) -> None:
+        self.store = store
+        self.m = manifest
+        self.opts = opts
+        self._warn_cb = warn
+        self.warnings: list[str] = []
+        self.contents: dict[str, str | None] = {}
+        self.image_opts = opts.apply if opts.apply is not None else ApplyOptions()
+        self.artifact_opts = dataclasses.replace(self.image_opts, whiteouts=False)
+        self.root_fd = os.open(root, _DIR_FLAGS)
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        if self._warn_cb is not None:
+            self._warn_cb(msg)
+
+    @staticmethod
+    def _what(i: int, layer: Descriptor) -> str:
+        return f"layer {i} ({layer.digest.short}, {layer.media_type or 'no media type'})"
+
+    # -- primitives
+
+    def _open_dir(self, parts: list[str], what: str) -> int:
+        """Open (creating as needed, 0o755) the directory ``parts`` below the root, following nothing."""
+        fd = os.dup(self.root_fd)
+        try:
+            for i, c in enumerate(parts):
+                try:
+                    nfd = os.open(c, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    os.mkdir(c, 0o755, dir_fd=fd)
+                    nfd = os.open(c, _DIR_FLAGS, dir_fd=fd)
+                    os.fchmod(nfd, 0o755)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafeContentError(
+                            f"{what}: {'/'.join(parts[: i + 1])!r} is a symbolic link or not a directory",
+                            hint="a path of an artifact may not pass through a symlink or a file of another layer",
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _claim(self, pfd: int, name: str, what: str, path: str) -> None:
+        try:
+            os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        raise UnsafeContentError(
+            f"{what}: {path!r} is already provided by an earlier layer",
+            hint="an artifact may name each file only once",
+        )
+
+    def place_raw(
+        self,
+        layer: Descriptor,
+        parts: list[str],
+        what: str,
+        *,
+        mode: int | None = None,
+        compression: str = "none",
+    ) -> None:
+        """The blob as the file ``parts``: a hard link, or a copy (other file system, a ``mode``
+        other than 0o444, or a compressed blob, which is decompressed)."""
+        path = "/".join(parts)
+        pfd = self._open_dir(parts[:-1], what)
+        try:
+            name = parts[-1]
+            self._claim(pfd, name, what, path)
+            if mode is None and compression == "none":
+                try:
+                    os.link(self.store.blob_path(layer.digest), name, dst_dir_fd=pfd, follow_symlinks=False)
+                    return
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.EOPNOTSUPP):
+                        raise
+            self._copy_blob(layer, pfd, name, 0o444 if mode is None else mode, compression, what)
+        finally:
+            os.close(pfd)
+
+    def _copy_blob(self, layer: Descriptor, pfd: int, name: str, mode: int, compression: str, what: str) -> None:
+        dfd = os.open(name, _NEW_FILE, 0o600, dir_fd=pfd)
+        try:
+            with self.store.open_blob(layer.digest) as f:
+                if compression == "none":
+                    copy_fd(f.fileno(), dfd)
+                else:
+                    opts = self.artifact_opts
+                    data = open_decompressed(f, compression, max_ratio=opts.max_ratio, max_size=opts.max_size)
+                    while chunk := data.read(CHUNK):
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(dfd, view) :]
+            os.fchmod(dfd, mode)
+        finally:
+            os.close(dfd)
+
+    def apply(
+        self,
+        layer: Descriptor,
+        dir_fd: int,
+        compression: str | None,
+        options: ApplyOptions,
+        what: str,
+        expect: Digest | None = None,
+    ) -> None:
+        """Apply a tar layer onto the directory ``dir_fd``; verify its uncompressed digest if given."""
+        with self.store.open_blob(layer.digest) as f:
+            data = open_decompressed(f, compression, max_ratio=options.max_ratio, max_size=options.max_size)
+            tee = _Tee(data, expect.hasher() if expect is not None else None)
+            try:
+                apply_layer(f"/proc/self/fd/{dir_fd}", tee, compression="none", options=options, warn=self.warn)
+            except UnsafeContentError as e:
+                raise UnsafeContentError(f"{what}: {e.message}", e.hint) from None
+            except ContentRefusedError as e:
+                raise type(e)(f"{what}: {e.message}", e.hint) from None
+            tee.drain()
+        if expect is not None:
+            got = f"{expect.algorithm}:{tee.hexdigest()}"
+            if got != expect:
+                raise DigestMismatchError(
+                    f"{what}: uncompressed content does not match its diff_id: expected {expect}, got {got}",
+                    hint="the image's config and layers disagree; the snapshot was discarded",
+                )
+
+    def probe_tar(self, layer: Descriptor, compression: str | None) -> tuple[bool, list[str]]:
+        """(is it a tar, components of its first named entry) — reads only the first headers."""
+        try:
+            with self.store.open_blob(layer.digest) as f:
+                head = open_decompressed(f, compression).read(512)
+        except ContentRefusedError:
+            return False, []
+        if not looks_like_tar(head):
+            return False, []
+        try:
+            with (
+                self.store.open_blob(layer.digest) as f,
+                tarfile.open(fileobj=open_decompressed(f, compression), mode="r|") as tf,
+            ):
+                for i, member in enumerate(tf):
+                    parts = _clean_entry(member.name)
+                    if parts:
+                        return True, parts
+                    if i >= 64:
+                        break
+        except (tarfile.TarError, ContentRefusedError, UnicodeError, ValueError, EOFError):
+            pass
+        return True, []
+
+    def extract_for(
+        self,
+        layer: Descriptor,
+        parts: list[str],
+        first: list[str],
+        compression: str | None,
+        what: str,
+        expect: Digest | None = None,
+    ) -> list[str]:
+        base = _tar_base(parts, first)
+        fd = self._open_dir(base, what)
+        try:
+            self.apply(layer, fd, compression, self.artifact_opts, what, expect)
+        finally:
+            os.close(fd)
+        return base
+
+    def untitled(self, i: int, layer: Descriptor, what: str) -> list[str] | None:
+        if self.opts.name_untitled == "digest":
+            return [layer.digest.hex]
+        self.warn(f"{what} has no title annotation: skipped (CRI-O does the same)")
+        self.contents[str(layer.digest)] = None
+        return None
+
+    # -- flavours
+
+    def image(self) -> None:
+        cfg = parse_config(
+            self.store.read_blob(self.m.config.digest, MAX_CONFIG_SIZE), f"config {self.m.config.digest.short}"
+        )
+        if len(cfg.diff_ids) != len(self.m.layers):
+            raise ManifestError(
+                f"image {self.m.digest.short} has {len(self.m.layers)} layers but its config lists "
+                f"{len(cfg.diff_ids)} diff_ids",
+                hint="the manifest and config disagree; the image is malformed",
+            )
+        for i, (layer, diff_id) in enumerate(zip(self.m.layers, cfg.diff_ids, strict=True)):
+            what = self._what(i, layer)
+            if layer.media_type == mt.DOCKER_LAYER:
+                comp: str | None = None  # Docker's plain type is sometimes compressed: sniff
+            else:
+                comp = mt.layer_compression(layer.media_type)
+                if comp is None:
+                    raise ContentRefusedError(
+                        f"{what}: unsupported image layer media type",
+                        hint="imagevol applies tar, tar+gzip and tar+zstd layers (OCI and Docker)",
+                    )
+            self.apply(layer, self.root_fd, comp, self.image_opts, what, diff_id)
+            self.contents[str(layer.digest)] = "/"
+
+    def _is_tar_typed(self, layer: Descriptor) -> bool:
+        return (
+            mt.layer_compression(layer.media_type) is not None
+            or layer.annotations.get(mt.ANN_ORAS_UNPACK, "").lower() == "true"
+        )
+
+    def generic(self, i: int, layer: Descriptor, path: str | None) -> None:
+        """An OCI / ORAS artifact layer: a file at its title, or a directory if it is a tar."""
+        what = self._what(i, layer)
+        parts = safe_parts(path, f"{what}: title") if path is not None else self.untitled(i, layer, what)
+        if parts is None:
+            return
+        if self._is_tar_typed(layer):
+            comp = mt.layer_compression(layer.media_type)
+            is_tar, first = self.probe_tar(layer, comp)
+            if is_tar:
+                expect = None
+                raw = layer.annotations.get(ANN_ORAS_DIGEST)
+                if raw:
+                    try:
+                        expect = Digest(raw)
+                    except InvalidDigestError:
+                        self.warn(f"{what}: ignoring invalid {ANN_ORAS_DIGEST} annotation {raw!r}")
+                self.extract_for(layer, parts, first, comp, what, expect)
+                self.contents[str(layer.digest)] = "/".join(parts)
+                return
+            if comp not in (None, "none"):
+                self.warn(f"{what}: typed as a compressed tar but is not one: placed as a file")
+        self.place_raw(layer, parts, what)
+        self.contents[str(layer.digest)] = "/".join(parts)
+
+    def artifact(self) -> None:
+        for i, layer in enumerate(self.m.layers):
+            self.generic(i, layer, _layer_path(layer, "artifact"))
+
+    def _metadata_mode(self, layer: Descriptor, what: str) -> int | None:
+        """The read-only mode a raw ModelPack file should have, or None when 0o444 (a hard link)."""
+        raw = layer.annotations.get(mt.ANN_CNCF_FILE_METADATA)
+        if not raw:
+            return None
+        try:
+            meta = json.loads(raw)
+            mode = meta.get("mode") if isinstance(meta, dict) else None
+        except ValueError:
+            mode = None
+        if mode is None:
+            self.warn(f"{what}: unreadable {mt.ANN_CNCF_FILE_METADATA} annotation ignored")
+            return None
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            self.warn(f"{what}: invalid file mode {mode!r} in {mt.ANN_CNCF_FILE_METADATA} ignored")
+            return None
+        eff = mode & 0o777 & ~0o222
+        return None if eff == 0o444 else eff
+
+    def modelpack(self) -> None:
+        for i, layer in enumerate(self.m.layers):
+            if _MODELPACK_RE.match(layer.media_type):
+                self.modelpack_layer(i, layer)
+            else:
+                self.generic(i, layer, _layer_path(layer, "artifact"))
+
+    def modelpack_layer(self, i: int, layer: Descriptor) -> None:
+        """A ``application/vnd.cncf.model.<kind>.v1.<raw|tar>[+gzip|+zstd]`` layer."""
+        m = _MODELPACK_RE.match(layer.media_type)
+        assert m is not None
+        what = self._what(i, layer)
+        fmt, comp_name = m.group(2), m.group(3)
+        comp = _COMPRESSIONS.get(comp_name)
+        if comp is None:
+            raise ContentRefusedError(f"{what}: unsupported compression {comp_name!r}")
+        path = _layer_path(layer, "modelpack")
+        parts = safe_parts(path, f"{what}: file path") if path is not None else self.untitled(i, layer, what)
+        if parts is None:
+            return
+        self.contents[str(layer.digest)] = "/".join(parts)
+        if fmt == "tar":
+            is_tar, first = self.probe_tar(layer, comp)
+            if is_tar:
+                self.extract_for(layer, parts, first, comp, what)
+                return
+            self.warn(f"{what}: typed as a tar but is not one: placed as a file")
+            comp = "none"
+        self.place_raw(layer, parts, what, mode=self._metadata_mode(layer, what), compression=comp)
+
+    def _kitfile(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.store.read_blob(self.m.config.digest, MAX_CONFIG_SIZE))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(f"ModelKit config {self.m.config.digest.short} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise ManifestError(f"ModelKit config {self.m.config.digest.short} is not a JSON object")
+        return doc
+
+    def kitops(self) -> None:
+        kf = self._kitfile() if self.m.config.media_type == mt.KITOPS_CONFIG else {}
+
+        def entries(v: Any) -> list[dict[str, Any]]:
+            return [e for e in v if isinstance(e, dict)] if isinstance(v, list) else []
+
+        model = kf.get("model") if isinstance(kf.get("model"), dict) else None
+        by_type: dict[str, list[dict[str, Any]]] = {
+            "model": [model] if model is not None else [],
+            "modelpart": entries(model.get("parts")) if model is not None else [],
+            "dataset": [e for e in entries(kf.get("datasets")) if not e.get("remotePath")],
+            "code": entries(kf.get("code")),
+            "prompt": entries(kf.get("prompts")),
+            "docs": entries(kf.get("docs")),
+        }
+        by_digest: dict[str, dict[str, Any]] = {}
+        for lst in (*by_type.values(), entries(kf.get("mcpServers"))):
+            for e in lst:
+                if isinstance(e.get("digest"), str):
+                    by_digest[e["digest"]] = e
+        seen: dict[str, int] = {}
+        for i, layer in enumerate(self.m.layers):
+            m = _KITOPS_RE.match(layer.media_type)
+            if m is None:
+                self.generic(i, layer, _layer_path(layer, "artifact"))
+                continue
+            what = self._what(i, layer)
+            base, fmt, comp_name = m.groups()
+            comp = _COMPRESSIONS.get(comp_name)
+            if comp is None or fmt not in ("tar", "raw"):
+                raise ContentRefusedError(
+                    f"{what}: unsupported KitOps layer format {fmt!r}/{comp_name!r}",
+                    hint="KitOps layers are tar or raw, uncompressed, gzip or zstd",
+                )
+            entry = by_digest.get(str(layer.digest))
+            if entry is None:
+                typ = "prompt" if base == "code" and layer.annotations.get(ANN_KIT_SUBTYPE) == "prompt" else base
+                if typ == "model" and seen.get("model", 0) >= 1:
+                    typ = "modelpart"  # more weights than the Kitfile's one model: parts, as kit does
+                idx = seen.get(typ, 0)
+                seen[typ] = idx + 1
+                lst = by_type.get(typ, [])
+                entry = lst[idx] if idx < len(lst) else None
+            kit_path = entry.get("path") if entry is not None and isinstance(entry.get("path"), str) else None
+            path = layer.annotations.get(mt.ANN_CNCF_FILEPATH) or kit_path
+            if kit_path is None and path is None:
+                self.warn(f"{what}: no Kitfile entry or file path names this layer")
+            if fmt == "raw":
+                parts = (
+                    safe_parts(path, f"{what}: path", normalize=True) if path is not None else None
+                ) or self.untitled(i, layer, what)
+                if parts is None:
+                    continue
+                self.place_raw(layer, parts, what, compression=comp)
+            else:
+                parts = safe_parts(path, f"{what}: path", normalize=True) if path is not None else []
+                is_tar, first = self.probe_tar(layer, comp)
+                if not is_tar:
+                    raise ContentRefusedError(f"{what}: typed as a tar but is not one")
+                self.extract_for(layer, parts, first, comp, what)
+            self.contents[str(layer.digest)] = kit_path or path or "/"
+
+    def docker_model(self) -> None:
+        unnamed: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.m.layers):
+            if layer.media_type in DOCKER_AI_NAMES and _layer_path(layer, "modelpack") is None:
+                unnamed.setdefault(layer.media_type, []).append(i)
+        for i, layer in enumerate(self.m.layers):
+            what = self._what(i, layer)
+            if _MODELPACK_RE.match(layer.media_type):
+                self.modelpack_layer(i, layer)
+                continue
+            path = _layer_path(layer, "modelpack")
+            if layer.media_type in DOCKER_AI_TARS or mt.layer_compression(layer.media_type) is not None:
+                parts = safe_parts(path, f"{what}: file path") if path is not None else []
+                comp = mt.layer_compression(layer.media_type) or "none"
+                is_tar, first = self.probe_tar(layer, comp)
+                if is_tar:
+                    self.extract_for(layer, parts, first, comp, what)
+                    self.contents[str(layer.digest)] = "/".join(parts) or "/"
+                    continue
+                if not parts:
+                    parts = [layer.digest.hex]
+                self.warn(f"{what}: typed as a tar but is not one: placed as a file")
+            elif path is not None:
+                parts = safe_parts(path, f"{what}: file path")
+            elif layer.media_type in DOCKER_AI_NAMES:
+                stem, ext = DOCKER_AI_NAMES[layer.media_type]
+                group = unnamed[layer.media_type]
+                n = len(group)
+                parts = [f"{stem}{ext}" if n == 1 else f"{stem}-{group.index(i) + 1:05d}-of-{n:05d}{ext}"]
+            else:
+                parts = [layer.digest.hex]
+            self.place_raw(layer, parts, what)
+            self.contents[str(layer.digest)] = "/".join(parts)
+
+    def run(self, fl: str) -> int:
+        {
+            "image": self.image,
+            "artifact": self.artifact,
+            "modelpack": self.modelpack,
+            "kitops": self.kitops,
+            "docker-model": self.docker_model,
+        }[fl]()
+        return _seal(self.root_fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# materialize
+
+
+def _read_info(snaps: Path, key: str) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(_info_path(snaps, key).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _write_info(snaps: Path, key: str, info: dict[str, Any]) -> None:
+    path = _info_path(snaps, key)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, _NEW_FILE, 0o600)
+    try:
+        data = json.dumps(info, sort_keys=True).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _reuse(store: Store, snaps: Path, key: str, manifest: Manifest, fl: str) -> Snapshot | None:
+    final = snaps / key
+    try:
+        st = os.stat(final, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    info = _read_info(snaps, key) or {}
+    rec = store.meta.get_snapshot(key)
+    if rec is None or rec.state != "ready" or rec.path != str(final):
+        store.meta.set_snapshot(key, str(final), "ready", digest=manifest.digest)
+    files = info.get("files")
+    if not isinstance(files, int):
+        files = count_files(final)
+    warnings = info.get("warnings")
+    contents = info.get("contents")
+    return Snapshot(
+        key=key,
+        path=final,
+        digest=manifest.digest,
+        flavour=info.get("flavour") if isinstance(info.get("flavour"), str) else fl,
+        files=files,
+        warnings=list(warnings) if isinstance(warnings, list) else [],
+        created=False,
+        contents=dict(contents) if isinstance(contents, dict) else {},
+    )
+
+
+def _clean_builds(store: Store, snaps: Path, held_key: str) -> None:
+    """Remove ``.build-*`` leftovers of crashed builds: ours (we hold its lock), and any other whose
+    lock is free right now."""
+    for name in sorted(os.listdir(snaps)):
+        if not name.startswith(BUILD_PREFIX):
+            continue
+        key = name[len(BUILD_PREFIX) :].rsplit("-", 1)[0]
+        if not _KEY_RE.match(key):
+            continue
+        if key == held_key:
+            force_rmtree(snaps / name)
+            continue
+        try:
+            with store.lock(_lock_name(key), blocking=False):
+                force_rmtree(snaps / name)
+        except StoreError:
+            continue  # being built right now
+
+
+def materialize(
+    store: Store,
+    manifest: Manifest,
+    *,
+    options: MaterializeOptions | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Snapshot:
+    """Materialize ``manifest`` (whose config and layers are in ``store``, verified) into a
+    read-only snapshot, or return the existing one (``created=False``). See the module docs."""
+    opts = options if options is not None else MaterializeOptions()
+    fl = manifest_flavour(manifest)
+    key = snapshot_key(manifest, opts)
+    snaps = snapshots_dir(store)
+    found = _reuse(store, snaps, key, manifest, fl)
+    if found is not None:
+        return found
+    with store.lock(_lock_name(key)):
+        found = _reuse(store, snaps, key, manifest, fl)
+        if found is not None:
+            return found
+        _clean_builds(store, snaps, key)
+        final = snaps / key
+        store.meta.set_snapshot(key, str(final), "building", digest=manifest.digest)
+        build = Path(tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{key}-", dir=snaps))
+        try:
+            builder = _Builder(store, manifest, build, opts, warn)
+            try:
+                files = builder.run(fl)
+            finally:
+                builder.close()
+            info = {
+                "flavour": fl,
+                "files": files,
+                "warnings": builder.warnings,
+                "contents": builder.contents,
+                "digest": str(manifest.digest),
+            }
+            _write_info(snaps, key, info)
+            os.rename(build, final)
+            _fsync_dir(snaps)
+        except BaseException:
+            with contextlib.suppress(OSError, ImagevolError):
+                force_rmtree(build)
+            with contextlib.suppress(OSError):
+                _info_path(snaps, key).unlink()
+            with contextlib.suppress(Exception):
+                store.meta.remove_snapshot(key)
+            raise
+        store.meta.set_snapshot(key, str(final), "ready", digest=manifest.digest)
+        return Snapshot(
+            key=key,
+            path=final,
+            digest=manifest.digest,
+            flavour=fl,
+            files=files,
+            warnings=list(builder.warnings),
+            created=True,
+            contents=dict(builder.contents),
+        )

@@ -1,0 +1,672 @@
+"""materialize: images, ORAS / OCI artifacts, ModelPack, KitOps, Docker models; reuse and locking."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import stat
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagevol import mediatypes as mt
+from imagevol.digest import Digest
+from imagevol.errors import DigestMismatchError, ManifestError, UnsafeContentError, UsageError
+from imagevol.manifest import Manifest, parse_manifest
+from imagevol.materialize import (
+    MaterializeOptions,
+    looks_like_tar,
+    materialize,
+    safe_parts,
+    snapshot_key,
+)
+from imagevol.store import Store
+from imagevol.unpack.applier import ApplyOptions
+
+AT = "application/vnd.example.artifact"
+
+
+# -- builders --------------------------------------------------------------------------------------
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tar(entries: list[tuple[str, Any]]) -> bytes:
+    """entries: (name, bytes) files, (name, None) dirs, (name, ("symlink", target)), (name, ("mode", bytes, mode))."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, spec in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime = 1700000000
+            if spec is None:
+                ti.type = tarfile.DIRTYPE
+                ti.mode = 0o755
+                tf.addfile(ti)
+            elif isinstance(spec, tuple) and spec[0] == "symlink":
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = spec[1]
+                tf.addfile(ti)
+            else:
+                data, mode = (spec[1], spec[2]) if isinstance(spec, tuple) else (spec, 0o644)
+                ti.size = len(data)
+                ti.mode = mode
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+class Builder:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def desc(self, media_type: str, data: bytes, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        d = self.store.put_bytes(data)
+        out: dict[str, Any] = {"mediaType": media_type, "digest": str(d), "size": len(data)}
+        if annotations:
+            out["annotations"] = annotations
+        return out
+
+    def manifest(
+        self,
+        layers: list[dict[str, Any]],
+        *,
+        config: dict[str, Any] | None = None,
+        artifact_type: str | None = None,
+        media_type: str = mt.OCI_MANIFEST,
+    ) -> Manifest:
+        doc: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": config if config is not None else self.desc(mt.OCI_EMPTY, b"{}"),
+            "layers": layers,
+        }
+        if artifact_type:
+            doc["artifactType"] = artifact_type
+        raw = json.dumps(doc).encode()
+        self.store.put_bytes(raw)
+        m = parse_manifest(raw)
+        assert isinstance(m, Manifest)
+        return m
+
+    def image(self, layer_tars: list[bytes], *, compress: bool = True, diff_ids: list[str] | None = None) -> Manifest:
+        cfg = {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids or [sha(t) for t in layer_tars]},
+        }
+        layers = [self.desc(mt.OCI_LAYER_GZIP, gz(t)) if compress else self.desc(mt.OCI_LAYER, t) for t in layer_tars]
+        return self.manifest(layers, config=self.desc(mt.OCI_CONFIG, json.dumps(cfg).encode()))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def b(store: Store) -> Builder:
+    return Builder(store)
+
+
+def tree(path: Path) -> dict[str, str]:
+    """relative path -> 'dir' | 'link:TARGET' | file content."""
+    out: dict[str, str] = {}
+    for dirpath, dirs, files in os.walk(path):
+        for n in dirs + files:
+            p = Path(dirpath, n)
+            rel = str(p.relative_to(path))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = p.read_bytes().decode(errors="replace")
+    return out
+
+
+def assert_sealed(path: Path) -> None:
+    assert stat.S_IMODE(path.stat().st_mode) == 0o555
+    for dirpath, dirs, files in os.walk(path):
+        for n in dirs + files:
+            st = os.lstat(Path(dirpath, n))
+            if not stat.S_ISLNK(st.st_mode):
+                assert stat.S_IMODE(st.st_mode) & 0o222 == 0, Path(dirpath, n)
+
+
+def leftovers(store: Store) -> list[str]:
+    return sorted(n for n in os.listdir(store.root / "snapshots") if n.startswith(".build-"))
+
+
+# -- images ----------------------------------------------------------------------------------------
+def test_image_two_layers_with_whiteouts(store: Store, b: Builder) -> None:
+    lower = tar(
+        [
+            ("etc", None),
+            ("etc/a.conf", b"a"),
+            ("etc/b.conf", b"b"),
+            ("opt", None),
+            ("opt/old", b"old"),
+            ("bin", None),
+            ("bin/tool", ("mode", b"#!/bin/sh\necho hi\n", 0o755)),
+            ("gone.txt", b"gone"),
+        ]
+    )
+    upper = tar([("etc/.wh.a.conf", b""), (".wh.gone.txt", b""), ("opt/.wh..wh..opq", b""), ("opt/new", b"new")])
+    m = b.image([lower, upper])
+    snap = materialize(store, m)
+    assert snap.created and snap.flavour == "image"
+    assert snap.key == m.digest.hex and snap.digest == m.digest
+    assert snap.path == store.root / "snapshots" / m.digest.hex
+    t = tree(snap.path)
+    assert t == {
+        "etc": "dir",
+        "etc/b.conf": "b",
+        "opt": "dir",
+        "opt/new": "new",
+        "bin": "dir",
+        "bin/tool": "#!/bin/sh\necho hi\n",
+    }
+    assert snap.files == 3
+    assert stat.S_IMODE((snap.path / "bin/tool").stat().st_mode) == 0o555  # executable, not writable
+    assert_sealed(snap.path)
+    rec = store.meta.get_snapshot(snap.key)
+    assert rec is not None and rec.state == "ready" and rec.digest == m.digest and rec.path == str(snap.path)
+    assert leftovers(store) == []
+
+
+def test_image_diff_id_mismatch_refused(store: Store, b: Builder) -> None:
+    layer = tar([("a", b"a")])
+    m = b.image([layer], diff_ids=[sha(b"something else")])
+    with pytest.raises(DigestMismatchError, match="diff_id"):
+        materialize(store, m)
+    assert not (store.root / "snapshots" / m.digest.hex).exists()
+    assert leftovers(store) == []
+    assert store.meta.get_snapshot(m.digest.hex) is None
+
+
+def test_image_layer_count_mismatch_refused(store: Store, b: Builder) -> None:
+    layer = tar([("a", b"a")])
+    m = b.image([layer], diff_ids=[sha(layer), sha(layer)])
+    with pytest.raises(ManifestError, match="diff_ids"):
+        materialize(store, m)
+
+
+def test_docker_plain_tar_type_that_is_gzip_is_sniffed(store: Store, b: Builder) -> None:
+    layer = tar([("hello", b"world")])
+    cfg = {"rootfs": {"type": "layers", "diff_ids": [sha(layer)]}}
+    m = b.manifest(
+        [b.desc(mt.DOCKER_LAYER, gz(layer))],
+        config=b.desc(mt.DOCKER_CONFIG, json.dumps(cfg).encode()),
+        media_type=mt.DOCKER_MANIFEST,
+    )
+    snap = materialize(store, m)
+    assert tree(snap.path) == {"hello": "world"}
+
+
+def test_image_layer_escaping_stays_inside(store: Store, b: Builder, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    layer = tar([("link", ("symlink", str(outside))), ("link/evil", b"x"), ("../../up", b"y")])
+    snap = materialize(store, b.image([layer]))
+    assert list(outside.iterdir()) == []
+    assert (snap.path / str(outside).lstrip("/") / "evil").read_bytes() == b"x"
+    assert (snap.path / "up").read_bytes() == b"y"
+
+
+# -- ORAS / OCI artifacts --------------------------------------------------------------------------
+def test_artifact_raw_layers_are_hardlinks(store: Store, b: Builder) -> None:
+    m = b.manifest(
+        [
+            b.desc(mt.OCI_LAYER, b"not a tar: ORAS default type", {mt.ANN_TITLE: "weights.bin"}),
+            b.desc("application/octet-stream", b"nested", {mt.ANN_TITLE: "a/b/c.bin"}),
+            b.desc("application/x", b"cnai", {mt.ANN_CNAI_FILEPATH: "cnai.txt"}),
+        ],
+        config=b.desc(mt.ORAS_UNKNOWN_CONFIG, b"{}"),
+    )
+    snap = materialize(store, m)
+    assert snap.flavour == "artifact"
+    assert tree(snap.path) == {
+        "weights.bin": "not a tar: ORAS default type",
+        "a": "dir",
+        "a/b": "dir",
+        "a/b/c.bin": "nested",
+        "cnai.txt": "cnai",
+    }
+    for layer, rel in zip(m.layers, ("weights.bin", "a/b/c.bin", "cnai.txt"), strict=True):
+        st = (snap.path / rel).stat()
+        assert st.st_ino == store.blob_path(layer.digest).stat().st_ino  # zero copies
+        assert stat.S_IMODE(st.st_mode) == 0o444
+    assert snap.contents[str(m.layers[1].digest)] == "a/b/c.bin"
+    assert_sealed(snap.path)
+
+
+@pytest.mark.parametrize("title", ["/etc/passwd", "../escape", "a/../../x", "a/../b", ".", "./a", "a//b", "x\0y"])
+def test_artifact_escaping_titles_refused(store: Store, b: Builder, title: str) -> None:
+    m = b.manifest([b.desc("application/x", b"data", {mt.ANN_TITLE: title})], artifact_type=AT)
+    with pytest.raises(UnsafeContentError):
+        materialize(store, m)
+    assert not (store.root / "snapshots" / m.digest.hex).exists()
+    assert leftovers(store) == []
+
+
+def test_safe_parts() -> None:
+    assert safe_parts("a/b/c.bin", "t") == ["a", "b", "c.bin"]
+    assert safe_parts("dir/", "t") == ["dir"]
+    assert safe_parts("./models/x", "t", normalize=True) == ["models", "x"]
+    assert safe_parts(".", "t", normalize=True) == []
+    with pytest.raises(UnsafeContentError):
+        safe_parts("../x", "t", normalize=True)
+    with pytest.raises(UnsafeContentError):
+        safe_parts("a" * 256, "t")
+
+
+def test_untitled_layers_skipped_with_warning_or_named_by_digest(store: Store, b: Builder) -> None:
+    m = b.manifest(
+        [b.desc("application/x", b"titled", {mt.ANN_TITLE: "t.txt"}), b.desc("application/x", b"anonymous")],
+        artifact_type=AT,
+    )
+    seen: list[str] = []
+    snap = materialize(store, m, warn=seen.append)
+    assert tree(snap.path) == {"t.txt": "titled"}
+    assert len(seen) == 1 and "no title" in seen[0] and snap.warnings == seen
+    assert snap.contents[str(m.layers[1].digest)] is None
+
+    opts = MaterializeOptions(name_untitled="digest")
+    named = materialize(store, m, options=opts)
+    assert named.key != snap.key and named.key.startswith(m.digest.hex + "-")
+    assert tree(named.path) == {"t.txt": "titled", m.layers[1].digest.hex: "anonymous"}
+    assert named.warnings == []
+
+
+def test_options_validated() -> None:
+    with pytest.raises(UsageError):
+        MaterializeOptions(name_untitled="bogus")
+
+
+def test_snapshot_key_suffix_only_when_result_changes(store: Store, b: Builder) -> None:
+    titled = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
+    assert snapshot_key(titled, MaterializeOptions(name_untitled="digest")) == titled.digest.hex
+    assert snapshot_key(titled, MaterializeOptions(apply=ApplyOptions())) == titled.digest.hex
+    assert snapshot_key(titled, MaterializeOptions(apply=ApplyOptions(max_size=10))) == titled.digest.hex
+    k = snapshot_key(titled, MaterializeOptions(apply=ApplyOptions(devices="refuse")))
+    assert k.startswith(titled.digest.hex + "-") and len(k) == 64 + 13
+
+
+def test_oras_directory_tar_gzip_is_unpacked(store: Store, b: Builder) -> None:
+    content = tar([("mydir", None), ("mydir/x.txt", b"x"), ("mydir/sub", None), ("mydir/sub/y.txt", b"y")])
+    plain = tar([("./", None), ("./inside.txt", b"in")])
+    m = b.manifest(
+        [
+            b.desc(
+                mt.OCI_LAYER_GZIP,
+                gz(content),
+                {mt.ANN_TITLE: "mydir", mt.ANN_ORAS_UNPACK: "true", "io.deis.oras.content.digest": sha(content)},
+            ),
+            b.desc(mt.OCI_LAYER_GZIP, gz(plain), {mt.ANN_TITLE: "nested/data"}),
+        ],
+        config=b.desc(mt.ORAS_UNKNOWN_CONFIG, b"{}"),
+    )
+    snap = materialize(store, m)
+    assert tree(snap.path) == {
+        "mydir": "dir",
+        "mydir/x.txt": "x",
+        "mydir/sub": "dir",
+        "mydir/sub/y.txt": "y",
+        "nested": "dir",
+        "nested/data": "dir",
+        "nested/data/inside.txt": "in",
+    }
+    assert_sealed(snap.path)
+
+
+def test_oras_directory_digest_annotation_verified(store: Store, b: Builder) -> None:
+    content = tar([("d/x", b"x")])
+    m = b.manifest(
+        [
+            b.desc(
+                mt.OCI_LAYER_GZIP,
+                gz(content),
+                {mt.ANN_TITLE: "d", mt.ANN_ORAS_UNPACK: "true", "io.deis.oras.content.digest": sha(b"other")},
+            )
+        ],
+        artifact_type=AT,
+    )
+    with pytest.raises(DigestMismatchError):
+        materialize(store, m)
+
+
+def test_raw_file_mislabelled_as_tar_is_placed_as_file(store: Store, b: Builder) -> None:
+    data = b"GGUF" + bytes(1024)  # not a tar header: checksum does not match
+    m = b.manifest([b.desc(mt.OCI_LAYER, data, {mt.ANN_TITLE: "model.gguf"})], artifact_type=AT)
+    snap = materialize(store, m)
+    p = snap.path / "model.gguf"
+    assert p.read_bytes() == data
+    assert p.stat().st_ino == store.blob_path(m.layers[0].digest).stat().st_ino
+    assert snap.warnings == []
+
+
+def test_compressed_tar_type_that_is_no_tar_is_placed_with_warning(store: Store, b: Builder) -> None:
+    m = b.manifest([b.desc(mt.OCI_LAYER_GZIP, b"plain text", {mt.ANN_TITLE: "notes.txt"})], artifact_type=AT)
+    snap = materialize(store, m)
+    assert (snap.path / "notes.txt").read_bytes() == b"plain text"
+    assert any("not one" in w for w in snap.warnings)
+
+
+def test_looks_like_tar() -> None:
+    assert looks_like_tar(tar([("a", b"a")])[:512])
+    assert not looks_like_tar(bytes(512))
+    assert not looks_like_tar(b"x" * 512)
+    assert not looks_like_tar(b"short")
+
+
+def test_duplicate_titles_refused(store: Store, b: Builder) -> None:
+    m = b.manifest(
+        [b.desc("application/x", b"one", {mt.ANN_TITLE: "f"}), b.desc("application/x", b"two", {mt.ANN_TITLE: "f"})],
+        artifact_type=AT,
+    )
+    with pytest.raises(UnsafeContentError, match="earlier layer"):
+        materialize(store, m)
+
+
+def test_title_through_symlink_of_earlier_layer_refused(store: Store, b: Builder, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    evil = tar([("d", None), ("d/link", ("symlink", str(outside)))])
+    m = b.manifest(
+        [
+            b.desc(mt.OCI_LAYER_GZIP, gz(evil), {mt.ANN_TITLE: "d", mt.ANN_ORAS_UNPACK: "true"}),
+            b.desc("application/x", b"pwned", {mt.ANN_TITLE: "d/link/x"}),
+        ],
+        artifact_type=AT,
+    )
+    with pytest.raises(UnsafeContentError, match="symbolic link"):
+        materialize(store, m)
+    assert list(outside.iterdir()) == []
+
+
+def test_artifact_tar_whiteouts_refused(store: Store, b: Builder) -> None:
+    m = b.manifest(
+        [b.desc(mt.OCI_LAYER_GZIP, gz(tar([("d/.wh.x", b"")])), {mt.ANN_TITLE: "d"})],
+        artifact_type=AT,
+    )
+    with pytest.raises(UnsafeContentError, match="whiteout"):
+        materialize(store, m)
+
+
+# -- ModelPack -------------------------------------------------------------------------------------
+def mp_meta(name: str, mode: int) -> str:
+    return json.dumps(
+        {"name": name, "mode": mode, "uid": 0, "gid": 0, "size": 1, "mtime": "2025-01-01T00:00:00Z", "typeflag": 48}
+    )
+
+
+def test_modelpack_raw_tar_and_metadata_mode(store: Store, b: Builder) -> None:
+    cfg = b.desc(mt.MODELPACK_CONFIG, json.dumps({"descriptor": {"name": "m"}}).encode())
+    w = "application/vnd.cncf.model.weight.v1.raw"
+    layers = [
+        b.desc(
+            w,
+            b"weights",
+            {mt.ANN_CNCF_FILEPATH: "model/w.safetensors", mt.ANN_CNCF_FILE_METADATA: mp_meta("w", 0o644)},
+        ),
+        b.desc(
+            "application/vnd.cncf.model.code.v1.raw",
+            b"#!/bin/sh\n",
+            {mt.ANN_CNCF_FILEPATH: "run.sh", mt.ANN_CNCF_FILE_METADATA: mp_meta("run.sh", 0o755)},
+        ),
+        # modern modctl: tar entries carry the full file path
+        b.desc(
+            "application/vnd.cncf.model.weight.config.v1.tar",
+            tar([("tokenizer/vocab.json", b"{}")]),
+            {mt.ANN_CNCF_FILEPATH: "tokenizer/vocab.json"},
+        ),
+        # older modctl: entries carry the base name only
+        b.desc(
+            "application/vnd.cncf.model.weight.config.v1.tar",
+            tar([("config.json", b"cfg")]),
+            {mt.ANN_CNCF_FILEPATH: "cfg/config.json"},
+        ),
+        b.desc(
+            "application/vnd.cncf.model.doc.v1.tar+gzip",
+            gz(tar([("docs", None), ("docs/README.md", b"readme")])),
+            {mt.ANN_CNCF_FILEPATH: "docs"},
+        ),
+    ]
+    m = b.manifest(layers, config=cfg, artifact_type=mt.MODELPACK_ARTIFACT)
+    snap = materialize(store, m)
+    assert snap.flavour == "modelpack"
+    assert tree(snap.path) == {
+        "model": "dir",
+        "model/w.safetensors": "weights",
+        "run.sh": "#!/bin/sh\n",
+        "tokenizer": "dir",
+        "tokenizer/vocab.json": "{}",
+        "cfg": "dir",
+        "cfg/config.json": "cfg",
+        "docs": "dir",
+        "docs/README.md": "readme",
+    }
+    w_st = (snap.path / "model/w.safetensors").stat()
+    assert w_st.st_ino == store.blob_path(m.layers[0].digest).stat().st_ino  # 0o644 -> read-only 0o444: a link
+    run = (snap.path / "run.sh").stat()
+    assert run.st_ino != store.blob_path(m.layers[1].digest).stat().st_ino  # executable: a copy
+    assert stat.S_IMODE(run.st_mode) == 0o555
+    assert stat.S_IMODE(store.blob_path(m.layers[1].digest).stat().st_mode) == 0o444  # blob untouched
+    assert_sealed(snap.path)
+
+
+def test_modelpack_escaping_filepath_refused(store: Store, b: Builder) -> None:
+    m = b.manifest(
+        [b.desc("application/vnd.cncf.model.weight.v1.raw", b"w", {mt.ANN_CNCF_FILEPATH: "../../w"})],
+        config=b.desc(mt.MODELPACK_CONFIG, b"{}"),
+        artifact_type=mt.MODELPACK_ARTIFACT,
+    )
+    with pytest.raises(UnsafeContentError):
+        materialize(store, m)
+
+
+# -- KitOps ----------------------------------------------------------------------------------------
+KIT = "application/vnd.kitops.modelkit.{}.v1.tar+gzip"
+
+
+def kit_manifest(b: Builder, *, with_digests: bool, legacy_tars: bool = False) -> tuple[Manifest, dict[str, str]]:
+    """A ModelKit like `kit pack` makes: one tar layer per Kitfile entry, the Kitfile as the config."""
+    files = {
+        "model": ("models/model.gguf", tar([("models/model.gguf", b"GGUF")])),
+        "modelpart": ("models/tokenizer", tar([("models/tokenizer", None), ("models/tokenizer/tok.json", b"{}")])),
+        "dataset": ("data/train.csv", tar([("data/train.csv", b"a,b\n")])),
+        "code": ("src", tar([("src", None), ("src/main.py", b"print(1)\n")])),
+        "docs": ("README.md", tar([("README.md", b"# kit\n")])),
+    }
+    if legacy_tars:  # before kit 0.5 the tars held paths relative to the entry's directory
+        files["model"] = ("models/model.gguf", tar([("model.gguf", b"GGUF")]))
+        files["dataset"] = ("data/train.csv", tar([("train.csv", b"a,b\n")]))
+    layers = {k: b.desc(KIT.format(k), gz(t)) for k, (_, t) in files.items()}
+
+    def info(k: str) -> dict[str, str]:
+        if not with_digests:
+            return {}
+        return {"digest": layers[k]["digest"], "diffId": sha(files[k][1])}
+
+    kitfile = {
+        "manifestVersion": "1.0.0",
+        "package": {"name": "demo"},
+        "model": {
+            "name": "demo",
+            "path": files["model"][0],
+            "parts": [{"path": files["modelpart"][0], **info("modelpart")}],
+            **info("model"),
+        },
+        "datasets": [{"name": "train", "path": files["dataset"][0], **info("dataset")}],
+        "code": [{"path": files["code"][0], **info("code")}],
+        "docs": [{"path": files["docs"][0], **info("docs")}],
+    }
+    cfg = b.desc(mt.KITOPS_CONFIG, json.dumps(kitfile).encode())
+    order = ["model", "modelpart", "dataset", "code", "docs"]
+    m = b.manifest([layers[k] for k in order], config=cfg)
+    return m, {layers[k]["digest"]: files[k][0] for k in order}
+
+
+@pytest.mark.parametrize(("with_digests", "legacy_tars"), [(True, False), (False, False), (False, True)])
+def test_kitops_modelkit(store: Store, b: Builder, with_digests: bool, legacy_tars: bool) -> None:
+    m, provides = kit_manifest(b, with_digests=with_digests, legacy_tars=legacy_tars)
+    snap = materialize(store, m)
+    assert snap.flavour == "kitops"
+    assert tree(snap.path) == {
+        "models": "dir",
+        "models/model.gguf": "GGUF",
+        "models/tokenizer": "dir",
+        "models/tokenizer/tok.json": "{}",
+        "data": "dir",
+        "data/train.csv": "a,b\n",
+        "src": "dir",
+        "src/main.py": "print(1)\n",
+        "README.md": "# kit\n",
+    }
+    assert snap.contents == provides
+    assert_sealed(snap.path)
+
+
+def test_kitops_entries_cannot_escape(store: Store, b: Builder, tmp_path: Path) -> None:
+    evil = tar([("../../../../evil.txt", b"x"), ("/abs.txt", b"y")])
+    kitfile = {"manifestVersion": "1.0.0", "code": [{"path": "."}]}
+    m = b.manifest(
+        [b.desc(KIT.format("code"), gz(evil))],
+        config=b.desc(mt.KITOPS_CONFIG, json.dumps(kitfile).encode()),
+    )
+    snap = materialize(store, m)
+    assert tree(snap.path) == {"evil.txt": "x", "abs.txt": "y"}  # clamped inside the root
+    assert not (tmp_path / "evil.txt").exists()
+
+
+# -- Docker Model Runner ---------------------------------------------------------------------------
+def docker_model(b: Builder, layers: list[dict[str, Any]]) -> Manifest:
+    cfg = {"config": {"format": "gguf", "size": "10"}, "descriptor": {}, "rootfs": {"type": "rootfs", "diff_ids": []}}
+    return b.manifest(
+        layers, config=b.desc("application/vnd.docker.ai.model.config.v0.1+json", json.dumps(cfg).encode())
+    )
+
+
+def test_docker_model_gguf_and_license(store: Store, b: Builder) -> None:
+    m = docker_model(
+        b,
+        [
+            b.desc("application/vnd.docker.ai.gguf.v3", b"GGUF-weights"),
+            b.desc("application/vnd.docker.ai.license", b"Apache-2.0"),
+            b.desc("application/vnd.docker.ai.something.new", b"?"),
+        ],
+    )
+    snap = materialize(store, m)
+    assert snap.flavour == "docker-model"
+    assert tree(snap.path) == {"model.gguf": "GGUF-weights", "LICENSE": "Apache-2.0", m.layers[2].digest.hex: "?"}
+    assert (snap.path / "model.gguf").stat().st_ino == store.blob_path(m.layers[0].digest).stat().st_ino
+
+
+def test_docker_model_shards_and_filepaths(store: Store, b: Builder) -> None:
+    m = docker_model(
+        b,
+        [
+            b.desc("application/vnd.docker.ai.gguf.v3", b"shard1"),
+            b.desc("application/vnd.docker.ai.gguf.v3", b"shard2"),
+            b.desc("application/vnd.docker.ai.license", b"L1"),
+            b.desc("application/vnd.docker.ai.license", b"L2"),
+            b.desc("application/vnd.docker.ai.safetensors", b"st", {mt.ANN_CNCF_FILEPATH: "sub/model.safetensors"}),
+            b.desc("application/vnd.docker.ai.vllm.config.tar", tar([("config.json", b"{}")])),
+        ],
+    )
+    snap = materialize(store, m)
+    assert tree(snap.path) == {
+        "model-00001-of-00002.gguf": "shard1",
+        "model-00002-of-00002.gguf": "shard2",
+        "LICENSE-00001-of-00002": "L1",
+        "LICENSE-00002-of-00002": "L2",
+        "sub": "dir",
+        "sub/model.safetensors": "st",
+        "config.json": "{}",
+    }
+
+
+# -- reuse, crashes, concurrency -------------------------------------------------------------------
+def test_second_materialize_reuses_snapshot(store: Store, b: Builder) -> None:
+    m = b.manifest(
+        [b.desc("application/x", b"x", {mt.ANN_TITLE: "x"}), b.desc("application/x", b"u")], artifact_type=AT
+    )
+    first = materialize(store, m)
+    before = {p: os.lstat(p).st_mtime_ns for p in (first.path, first.path / "x")}
+    listing = sorted(os.listdir(store.root / "snapshots"))
+    again = materialize(store, m)
+    assert not again.created and again.path == first.path and again.key == first.key
+    assert again.files == first.files == 1
+    assert again.warnings == first.warnings and len(again.warnings) == 1
+    assert again.contents == first.contents
+    assert sorted(os.listdir(store.root / "snapshots")) == listing
+    assert {p: os.lstat(p).st_mtime_ns for p in before} == before
+
+
+def test_crashed_build_is_cleaned_next_time(store: Store, b: Builder) -> None:
+    m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
+    snaps = store.root / "snapshots"
+    snaps.mkdir(parents=True)
+    crashed = snaps / f".build-{m.digest.hex}-abc123"
+    (crashed / "sub").mkdir(parents=True)
+    (crashed / "sub" / "f").write_text("partial")
+    os.chmod(crashed / "sub", 0o555)
+    other = snaps / f".build-{'b' * 64}-zzz"  # another key, nobody building it
+    other.mkdir()
+    snap = materialize(store, m)
+    assert snap.created
+    assert leftovers(store) == []
+
+
+def test_missing_snapshot_dir_is_rebuilt(store: Store, b: Builder) -> None:
+    from imagevol.materialize import force_rmtree
+
+    m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
+    first = materialize(store, m)
+    force_rmtree(first.path)
+    again = materialize(store, m)
+    assert again.created and tree(again.path) == {"x": "x"}
+
+
+def _materialize_in_child(root: str, raw: bytes, start: Any, out: Any) -> None:
+    m = parse_manifest(raw)
+    store = Store(root)
+    start.wait()
+    snap = materialize(store, m)
+    out.put((snap.created, str(snap.path), snap.files))
+
+
+def test_concurrent_materialize_builds_once(store: Store, b: Builder) -> None:
+    big = os.urandom(1 << 20)
+    layers = [b.desc(mt.OCI_LAYER_GZIP, gz(tar([(f"d{i}/f", big)])), {mt.ANN_TITLE: f"t{i}"}) for i in range(4)]
+    m = b.manifest(layers, artifact_type=AT)
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_materialize_in_child, args=(str(store.root), m.raw, start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(r[0] for r in results) == [False, True]
+    assert len({r[1] for r in results}) == 1 and {r[2] for r in results} == {4}
+    names = [n for n in os.listdir(store.root / "snapshots") if not n.startswith(".info-")]
+    assert names == [m.digest.hex]
+
+
+def test_digest_is_a_digest(store: Store, b: Builder) -> None:
+    m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
+    snap = materialize(store, m)
+    assert isinstance(snap.digest, Digest)

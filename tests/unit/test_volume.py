@@ -1,0 +1,323 @@
+"""Volumes: bind (read-only, executables run), hardlink and copy trees, sub paths, records, leases,
+reconciliation with /proc/self/mountinfo."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imagevol import mediatypes as mt
+from imagevol.errors import ImagevolError, NotFoundError, UsageError
+from imagevol.materialize import Snapshot, materialize
+from imagevol.store import Store
+from imagevol.volume import (
+    create_volume,
+    list_volumes,
+    mountpoints,
+    reconcile,
+    remove_volume,
+    resolve_subpath,
+)
+from tests.unit.test_materialize import Builder, gz, tar, tree
+
+IS_ROOT = os.geteuid() == 0
+root_only = pytest.mark.skipif(not IS_ROOT, reason="bind mounts need root")
+
+
+def mounted(path: Path) -> bool:
+    return str(path) in mountpoints()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def image(store: Store, tmp_path: Path) -> Snapshot:
+    b = Builder(store)
+    layer = tar(
+        [
+            ("bin", None),
+            ("bin/hello", ("mode", b"#!/bin/sh\necho hello from the volume\n", 0o755)),
+            ("data", None),
+            ("data/weights.bin", b"w" * 1000),
+            ("data/sub", None),
+            ("data/sub/x.txt", b"x"),
+            ("esc", ("symlink", "/etc")),
+            ("rel", ("symlink", "data")),
+        ]
+    )
+    return materialize(store, b.image([layer]))
+
+
+@pytest.fixture
+def artifact(store: Store) -> Snapshot:
+    b = Builder(store)
+    m = b.manifest(
+        [
+            b.desc("application/x", b"model", {mt.ANN_TITLE: "models/m.bin"}),
+            b.desc(mt.OCI_LAYER_GZIP, gz(tar([("cfg/a.json", b"{}")])), {mt.ANN_TITLE: "cfg"}),
+        ],
+        artifact_type="application/vnd.example",
+    )
+    return materialize(store, m)
+
+
+@pytest.fixture
+def cleanup():
+    targets: list[tuple[Store, Path]] = []
+    yield targets
+    for store, target in targets:
+        try:
+            remove_volume(store, target)
+        except (NotFoundError, ImagevolError):
+            pass
+        while mounted(target):  # never leave a mount behind, whatever happened
+            subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+# -- sub paths -------------------------------------------------------------------------------------
+def test_resolve_subpath(image: Snapshot) -> None:
+    assert resolve_subpath(image.path, "data/sub", artifact=False, ref="r") == image.path / "data/sub"
+    assert resolve_subpath(image.path, "/data//./sub/", artifact=False, ref="r") == image.path / "data/sub"
+    assert resolve_subpath(image.path, "data/weights.bin", artifact=False, ref="r") == image.path / "data/weights.bin"
+    with pytest.raises(ImagevolError) as e:
+        resolve_subpath(image.path, "nope/x", artifact=False, ref="example.com/img:1")
+    assert str(e.value) == 'sub path "nope/x" does not exist in image volume "example.com/img:1"'
+    assert e.value.exit_code == 1
+    with pytest.raises(ImagevolError) as e:
+        resolve_subpath(image.path, "nope", artifact=True, ref="example.com/art:1")
+    assert str(e.value) == 'sub path "nope" does not exist in OCI artifact volume "example.com/art:1"'
+    with pytest.raises(ImagevolError, match="does not exist"):
+        resolve_subpath(image.path, "data/weights.bin/deeper", artifact=False, ref="r")
+    for sub in ("esc", "esc/passwd", "rel/sub"):
+        with pytest.raises(ImagevolError, match="symbolic link"):
+            resolve_subpath(image.path, sub, artifact=False, ref="r")
+    with pytest.raises(UsageError):
+        resolve_subpath(image.path, "data/../..", artifact=False, ref="r")
+
+
+# -- bind ------------------------------------------------------------------------------------------
+@root_only
+def test_bind_volume_is_read_only_and_executables_run(store: Store, image: Snapshot, tmp_path: Path, cleanup) -> None:
+    target = tmp_path / "mnt" / "vol"
+    cleanup.append((store, target))
+    vol = create_volume(store, image, target, ref="example.com/img:1", mode="bind")
+    assert vol.mode == "bind" and vol.mounted and vol.target == target and vol.subpath is None
+    assert vol.snapshot_key == image.key and vol.digest == image.digest
+    assert mounted(target)
+    assert (target / "data/weights.bin").read_bytes() == b"w" * 1000
+    with pytest.raises(OSError) as e:
+        (target / "new").write_text("x")
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(OSError) as e:
+        os.open(target / "data/weights.bin", os.O_WRONLY)
+    assert e.value.errno == errno.EROFS
+    out = subprocess.run([str(target / "bin/hello")], capture_output=True, check=True, text=True)
+    assert out.stdout == "hello from the volume\n"
+    line = next(ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if ln.split()[4] == str(target))
+    opts = line.split()[5].split(",")
+    assert "ro" in opts and "nosuid" in opts and "nodev" in opts and "noexec" not in opts
+
+    # recorded, with a lease so gc keeps the content
+    (rec,) = store.meta.list_volumes()
+    assert rec.id == vol.id and rec.target == str(target) and rec.mode == "bind" and rec.ref == "example.com/img:1"
+    lease = store.meta.get_lease(f"volume:{vol.id}")
+    assert lease is not None and lease.kind == "volume" and lease.roots == (image.digest,)
+
+    removed = remove_volume(store, target)
+    assert removed.id == vol.id and not removed.mounted
+    assert not mounted(target)
+    assert str(target) not in Path("/proc/self/mountinfo").read_text()
+    assert not target.exists()  # created by imagevol, removed with the volume
+    assert store.meta.list_volumes() == [] and store.meta.get_lease(f"volume:{vol.id}") is None
+
+
+@root_only
+def test_bind_is_idempotent_and_second_mount_is_fast(store: Store, image: Snapshot, tmp_path: Path, cleanup) -> None:
+    target = tmp_path / "vol"
+    cleanup.append((store, target))
+    first = create_volume(store, image, target, ref="r:1")
+    assert first.mode == "bind"  # auto as root
+    again = create_volume(store, image, target, ref="r:1")
+    assert again.id == first.id
+    assert sum(1 for ln in Path("/proc/self/mountinfo").read_text().splitlines() if ln.split()[4] == str(target)) == 1
+    with pytest.raises(ImagevolError, match="already holds"):
+        create_volume(store, image, target, ref="other:2")
+
+    other = tmp_path / "vol2"
+    cleanup.append((store, other))
+    t0 = time.monotonic()
+    snap = materialize(store, _manifest_of(store, image))
+    create_volume(store, snap, other, ref="r:1")
+    assert time.monotonic() - t0 < 1.0
+    assert not snap.created
+
+
+def _manifest_of(store: Store, snap: Snapshot):
+    from imagevol.manifest import parse_manifest
+
+    return parse_manifest(store.read_blob(snap.digest, 1 << 20))
+
+
+@root_only
+def test_bind_subpath_dir_and_file(store: Store, artifact: Snapshot, image: Snapshot, tmp_path: Path, cleanup) -> None:
+    d = tmp_path / "cfg"
+    cleanup.append((store, d))
+    vol = create_volume(store, artifact, d, ref="a:1", mode="bind", subpath="cfg")
+    assert vol.subpath == "cfg" and tree(d) == {"a.json": "{}"}
+    assert list_volumes(store)[0].subpath == "cfg"
+
+    f = tmp_path / "deep" / "m.bin"
+    cleanup.append((store, f))
+    create_volume(store, artifact, f, ref="a:1", mode="bind", subpath="models/m.bin")
+    assert f.read_bytes() == b"model"
+    with pytest.raises(OSError):
+        f.write_bytes(b"x")
+
+    with pytest.raises(ImagevolError, match='sub path "nope" does not exist in OCI artifact volume "a:1"'):
+        create_volume(store, artifact, tmp_path / "x", ref="a:1", mode="bind", subpath="nope")
+    with pytest.raises(ImagevolError, match="symbolic link"):
+        create_volume(store, image, tmp_path / "y", ref="i:1", mode="bind", subpath="esc")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+    remove_volume(store, f)
+    assert not f.exists() and not mounted(f)
+
+
+def test_target_must_be_empty_directory(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    with pytest.raises(ImagevolError, match=f"target {full} is not empty"):
+        create_volume(store, image, full, ref="r", mode="hardlink")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ImagevolError, match=f"target {afile} exists and is not a directory"):
+        create_volume(store, image, afile, ref="r", mode="hardlink")
+    with pytest.raises(UsageError):
+        create_volume(store, image, tmp_path / "t", ref="r", mode="overlay")
+    assert store.meta.list_volumes() == []
+
+
+def test_remove_unknown_target(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match=str(tmp_path / "nothing")):
+        remove_volume(store, tmp_path / "nothing")
+
+
+# -- hardlink and copy -----------------------------------------------------------------------------
+def test_hardlink_volume(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    target = tmp_path / "hl"
+    t0 = time.monotonic()
+    vol = create_volume(store, image, target, ref="r:1", mode="hardlink")
+    assert time.monotonic() - t0 < 1.0
+    assert vol.mode == "hardlink" and vol.mounted
+    assert tree(target) == tree(image.path)
+    for rel in ("bin/hello", "data/weights.bin", "data/sub/x.txt"):
+        assert (target / rel).stat().st_ino == (image.path / rel).stat().st_ino  # links only, no data
+        assert stat.S_IMODE((target / rel).stat().st_mode) & 0o222 == 0
+    assert os.readlink(target / "esc") == "/etc"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o555
+    assert stat.S_IMODE((target / "data").stat().st_mode) == 0o555
+    if not IS_ROOT:
+        with pytest.raises(PermissionError):
+            (target / "new").write_text("x")
+    out = subprocess.run([str(target / "bin/hello")], capture_output=True, check=True, text=True)
+    assert out.stdout.startswith("hello")
+    assert create_volume(store, image, target, ref="r:1", mode="hardlink").id == vol.id
+    (v,) = list_volumes(store)
+    assert v.mounted and v.mode == "hardlink"
+
+    remove_volume(store, target)
+    assert not target.exists()
+    assert tree(image.path)["data/weights.bin"] == "w" * 1000  # the snapshot is untouched
+    assert store.meta.list_volumes() == []
+
+
+def test_hardlink_into_existing_empty_dir_restores_it(store: Store, artifact: Snapshot, tmp_path: Path) -> None:
+    target = tmp_path / "existing"
+    target.mkdir(mode=0o750)
+    os.chmod(target, 0o750)
+    create_volume(store, artifact, target, ref="a", mode="hardlink", subpath="models")
+    assert tree(target) == {"m.bin": "model"}
+    remove_volume(store, target)
+    assert target.is_dir() and list(target.iterdir()) == [] and stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+def test_copy_volume(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    target = tmp_path / "cp"
+    create_volume(store, image, target, ref="r", mode="copy")
+    assert tree(target) == tree(image.path)
+    st = (target / "data/weights.bin").stat()
+    assert st.st_ino != (image.path / "data/weights.bin").stat().st_ino
+    assert stat.S_IMODE(st.st_mode) == 0o444
+    assert stat.S_IMODE((target / "bin/hello").stat().st_mode) == 0o555
+    remove_volume(store, target)
+    assert not target.exists()
+
+
+def test_reconcile_tree_volume_deleted_by_hand(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    from imagevol.materialize import force_rmtree
+
+    target = tmp_path / "gone"
+    vol = create_volume(store, image, target, ref="r", mode="hardlink")
+    force_rmtree(target)
+    (v,) = list_volumes(store)
+    assert not v.mounted
+    assert [x.id for x in reconcile(store)] == [vol.id]
+    assert store.meta.list_volumes() == [] and store.meta.get_lease(f"volume:{vol.id}") is None
+
+
+# -- reconciliation with mountinfo -----------------------------------------------------------------
+@root_only
+def test_list_volumes_after_manual_umount(store: Store, image: Snapshot, tmp_path: Path, cleanup) -> None:
+    a, c = tmp_path / "a", tmp_path / "c"
+    cleanup.extend([(store, a), (store, c)])
+    va = create_volume(store, image, a, ref="r:a", mode="bind")
+    vc = create_volume(store, image, c, ref="r:c", mode="bind")
+    assert {v.id: v.mounted for v in list_volumes(store)} == {va.id: True, vc.id: True}
+    subprocess.run(["umount", str(a)], check=True)
+    assert {v.id: v.mounted for v in list_volumes(store)} == {va.id: False, vc.id: True}
+    assert [v.id for v in reconcile(store)] == [va.id]
+    assert [v.id for v in list_volumes(store)] == [vc.id]
+    assert store.meta.get_lease(f"volume:{va.id}") is None
+    assert store.meta.get_lease(f"volume:{vc.id}") is not None
+    # a stale target can be mounted again
+    again = create_volume(store, image, a, ref="r:a", mode="bind")
+    assert again.mounted and mounted(a)
+
+
+@root_only
+def test_busy_volume_cannot_be_removed(store: Store, image: Snapshot, tmp_path: Path, cleanup) -> None:
+    target = tmp_path / "busy"
+    cleanup.append((store, target))
+    create_volume(store, image, target, ref="r", mode="bind")
+    proc = subprocess.Popen(["sleep", "30"], cwd=target)
+    try:
+        time.sleep(0.2)
+        with pytest.raises(ImagevolError, match="busy"):
+            remove_volume(store, target)
+        assert mounted(target) and len(store.meta.list_volumes()) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    remove_volume(store, target)
+    assert not mounted(target)
+
+
+def test_sidecar_keeps_subpath(store: Store, artifact: Snapshot, tmp_path: Path) -> None:
+    target = tmp_path / "s"
+    vol = create_volume(store, artifact, target, ref="a", mode="copy", subpath="/cfg/")
+    assert vol.subpath == "cfg"
+    side = json.loads((store.root / "volumes" / f"{vol.id}.json").read_text())
+    assert side["subpath"] == "cfg" and side["created_target"] is True
+    remove_volume(store, target)
+    assert not (store.root / "volumes" / f"{vol.id}.json").exists()
