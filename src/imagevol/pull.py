@@ -128,6 +128,7 @@ class _Fetcher:
         self.reused = 0
         self._mu = threading.Lock()
         self._cancel = threading.Event()
+        self._resumed: dict[str, bool] = {}
 
     def _emit(self, ev: ProgressEvent) -> None:
         if self.progress is not None:
@@ -166,13 +167,26 @@ class _Fetcher:
             self.store.put_bytes(desc.data, desc.digest)
             return
         self._emit(ProgressEvent("blob-start", str(desc.digest), size=desc.size))
+        try:
+            self._fetch_once(desc)
+        except DigestMismatchError:
+            if not self._resumed.get(str(desc.digest)):
+                raise
+            # The resumed part map named bytes that did not survive (a power loss drops the page
+            # cache; a killed process does not): the ingest was discarded, fetch it afresh once.
+            self._resumed[str(desc.digest)] = False
+            self._fetch_once(desc)
+        self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size))
+
+    def _fetch_once(self, desc: Descriptor) -> None:
         with self.store.ingest(desc.digest, desc.size) as ing:
-            if ing.already_present:
+            if ing.already_present:  # another process fetched it while we waited for its lock
                 with self._mu:
                     self.reused += desc.size
-                self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size, cached=True))
+                self._emit(ProgressEvent("bytes", str(desc.digest), n=desc.size, cached=True))
                 return
             done_before = sum(e - s for s, e in ing.completed_ranges())
+            self._resumed[str(desc.digest)] = bool(done_before)
             if done_before:
                 with self._mu:
                     self.reused += done_before
@@ -182,7 +196,6 @@ class _Fetcher:
             else:
                 verified = self._stream(desc, ing)
             ing.commit(verified_digest=verified)
-        self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size))
 
     def _stream(self, desc: Descriptor, ing: Any) -> Digest | None:
         """One stream from the resume point, hashed as it passes: the blob is read once."""
@@ -211,19 +224,19 @@ class _Fetcher:
                 offset += len(chunk)
                 self._count(desc.digest, len(chunk))
                 if offset - last_mark >= self.part_size:
-                    ing.mark_complete(start, offset)
+                    ing.mark_complete(start, offset, sync=False)
                     last_mark = offset
             if self._cancel.is_set():
                 raise ImagevolError("pull cancelled")
         finally:
             f.close()
         if offset != desc.size:
-            ing.mark_complete(start, offset)
+            ing.mark_complete(start, offset, sync=False)
             raise DigestMismatchError(
                 f"blob {desc.digest} from {self.source.describe()} ended after {offset} of {desc.size} bytes",
                 hint="the connection was cut or the source is truncated; run the pull again to resume",
             )
-        ing.mark_complete(start, offset)
+        ing.mark_complete(start, offset, sync=False)
         verifier.verify(f"blob {desc.digest} from {self.source.describe()}")
         return verifier.digest()
 
@@ -261,13 +274,13 @@ class _Fetcher:
                 resp.release_conn()
             if pos != end or extra:
                 if pos > start:
-                    ing.mark_complete(start, pos)
+                    ing.mark_complete(start, pos, sync=False)
                 raise DigestMismatchError(
                     f"blob {desc.digest}: range {start}-{end - 1} from {source.describe()} returned "
                     f"{pos - start}{'+' if extra else ''} bytes",
                     hint="the registry served a wrong range; run the pull again to resume",
                 )
-            ing.mark_complete(start, end)
+            ing.mark_complete(start, end, sync=False)
 
         with ThreadPoolExecutor(max_workers=self.parts_per_blob, thread_name_prefix="imagevol-part") as pool:
             futures = [pool.submit(part, p) for p in parts]
