@@ -36,6 +36,10 @@ def handle_errors(fn: F) -> F:
             _fail("interrupted", "run the command again: completed downloads are kept", 130)
         except OSError as e:
             _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), None, EXIT_ERROR)
+        except Exception as e:
+            if os.environ.get("IMAGEVOL_DEBUG"):
+                raise
+            _fail(f"unexpected {type(e).__name__}: {e}", "set IMAGEVOL_DEBUG=1 for a traceback", EXIT_ERROR)
 
     return wrapper  # type: ignore[return-value]
 

@@ -8,6 +8,7 @@ parts already on disk; two processes pulling one blob download it once (the stor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -17,8 +18,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import urllib3
+
 from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, NotFoundError, UsageError
+from .errors import DigestMismatchError, ImagevolError, NotFoundError, TransportError, UsageError
 from .manifest import Descriptor, Index, Manifest
 from .platform import Platform, host_platform
 from .reference import LayoutReference, Reference, parse_any
@@ -34,6 +37,11 @@ CHUNK = 1 << 20
 DEFAULT_PART_SIZE = 64 << 20
 DEFAULT_CONCURRENCY = 4
 DEFAULT_PARTS_PER_BLOB = 4
+# Progress is recorded in the ingest's part map at least this often, so a killed pull loses at most
+# this much per stream in flight (less than one part in all, with the default 4 streams per blob).
+MARK_EVERY = 8 << 20
+# What a cut connection raises while a body is read (retried from the last byte received).
+_CUT = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
 
 
 @dataclass
@@ -105,6 +113,69 @@ def _needed(manifest: Manifest) -> list[Descriptor]:
     return out
 
 
+class _PrefixHasher:
+    """Hashes a blob being written in parallel parts, following the contiguous completed prefix in a
+    thread of its own, so verification overlaps the download instead of re-reading the file after it
+    (the bytes come back from the page cache)."""
+
+    def __init__(self, ing: Any, digest: Digest) -> None:
+        self.ing = ing
+        self.verifier = Verifier(digest)
+        self.pos = 0
+        self._cv = threading.Condition()
+        self._done = False
+        self._error: BaseException | None = None
+        self._fd = os.open(ing.data_path, os.O_RDONLY)
+        self._thread = threading.Thread(target=self._run, name="imagevol-hash", daemon=True)
+        self._thread.start()
+
+    def _prefix(self) -> int:
+        ranges = self.ing.completed_ranges()
+        return ranges[0][1] if ranges and ranges[0][0] == 0 else 0
+
+    def notify(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _run(self) -> None:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                with self._cv:
+                    while self._prefix() <= self.pos and not self._done:
+                        self._cv.wait(0.5)
+                    end = self._prefix()
+                    if end <= self.pos and self._done:
+                        return
+                while self.pos < end:
+                    n = os.preadv(self._fd, [view[: min(CHUNK, end - self.pos)]], self.pos)
+                    if n <= 0:
+                        return
+                    self.verifier.update(view[:n])
+                    self.pos += n
+        except BaseException as e:  # surfaced by finish()
+            self._error = e
+
+    def finish(self) -> Digest | None:
+        """The digest of the whole blob if every byte was hashed, else None (commit hashes it)."""
+        with self._cv:
+            self._done = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None or self.pos != self.ing.size:
+            return None
+        return self.verifier.digest()
+
+    def abandon(self) -> None:
+        with self._cv:
+            self._done = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+
+
 class _Fetcher:
     """Downloads blobs into the store: concurrent, ranged, resumable, verified."""
 
@@ -117,7 +188,9 @@ class _Fetcher:
         part_size: int,
         parts_per_blob: int,
         progress: ProgressFn | None,
+        retries: int = 5,
     ) -> None:
+        self.retries = retries
         self.store = store
         self.source = source
         self.concurrency = max(1, concurrency)
@@ -197,51 +270,64 @@ class _Fetcher:
                 verified = self._stream(desc, ing)
             ing.commit(verified_digest=verified)
 
-    def _stream(self, desc: Descriptor, ing: Any) -> Digest | None:
-        """One stream from the resume point, hashed as it passes: the blob is read once."""
-        verifier, offset = ing.resume_verifier()
-        if offset >= desc.size:
-            return verifier.digest() if verifier.verified() else None
-        f = self.source.open_blob(desc, offset)
-        try:
-            start = offset
-            if offset and isinstance(self.source, RegistrySource):
-                status = getattr(getattr(f, "resp", None), "status", 206)
-                if status == 200:  # server ignored Range: restart from zero
-                    verifier, offset, start = Verifier(desc.digest), 0, 0
-            last_mark = offset
-            while not self._cancel.is_set():
-                chunk = f.read(CHUNK)
-                if not chunk:
-                    break
-                if offset + len(chunk) > desc.size:
-                    raise DigestMismatchError(
-                        f"blob {desc.digest} from {self.source.describe()} is longer than its {desc.size} bytes",
-                        hint="the source served wrong content; nothing was stored",
-                    )
-                ing.write_at(offset, chunk)
-                verifier.update(chunk)
-                offset += len(chunk)
-                self._count(desc.digest, len(chunk))
-                if offset - last_mark >= self.part_size:
-                    ing.mark_complete(start, offset, sync=False)
-                    last_mark = offset
-            if self._cancel.is_set():
-                raise ImagevolError("pull cancelled")
-        finally:
-            f.close()
-        if offset != desc.size:
-            ing.mark_complete(start, offset, sync=False)
-            raise DigestMismatchError(
-                f"blob {desc.digest} from {self.source.describe()} ended after {offset} of {desc.size} bytes",
-                hint="the connection was cut or the source is truncated; run the pull again to resume",
+    def _retry_or_raise(self, desc: Descriptor, attempts: int, pos: int, err: BaseException | None) -> None:
+        if self._cancel.is_set():
+            raise ImagevolError("pull cancelled")
+        if attempts > self.retries:
+            why = f"{type(err).__name__}: {err}" if err else "the connection closed early"
+            raise TransportError(
+                f"blob {desc.digest} from {self.source.describe()} was cut at byte {pos} of {desc.size} "
+                f"{attempts} times ({why})",
+                hint="the bytes received are kept: run the pull again to resume",
             )
-        ing.mark_complete(start, offset, sync=False)
+        time.sleep(min(5.0, 0.25 * (2 ** (attempts - 1))))
+
+    def _stream(self, desc: Descriptor, ing: Any) -> Digest | None:
+        """One stream from the resume point, hashed as it passes: the blob is read once. A cut
+        connection resumes with a Range request from the last byte received."""
+        verifier, offset = ing.resume_verifier()
+        attempts = 0
+        while offset < desc.size:
+            start = offset
+            f = self.source.open_blob(desc, offset)
+            err: BaseException | None = None
+            try:
+                if offset and getattr(getattr(f, "resp", None), "status", 206) == 200:
+                    verifier, offset, start = Verifier(desc.digest), 0, 0  # Range ignored: restart
+                last_mark = offset
+                while not self._cancel.is_set():
+                    try:
+                        chunk = f.read(CHUNK)
+                    except _CUT as e:
+                        err = e
+                        break
+                    if not chunk:
+                        break
+                    if offset + len(chunk) > desc.size:
+                        raise DigestMismatchError(
+                            f"blob {desc.digest} from {self.source.describe()} is longer than its {desc.size} bytes",
+                            hint="the source served wrong content; nothing was stored",
+                        )
+                    ing.write_at(offset, chunk)
+                    verifier.update(chunk)
+                    offset += len(chunk)
+                    self._count(desc.digest, len(chunk))
+                    if offset - last_mark >= MARK_EVERY:
+                        ing.mark_complete(start, offset, sync=False)
+                        last_mark = offset
+            finally:
+                with contextlib.suppress(Exception):
+                    f.close()
+            ing.mark_complete(start, offset, sync=False)
+            if offset < desc.size:
+                attempts += 1
+                self._retry_or_raise(desc, attempts, offset, err)
         verifier.verify(f"blob {desc.digest} from {self.source.describe()}")
         return verifier.digest()
 
     def _ranged(self, desc: Descriptor, ing: Any) -> Digest | None:
-        """Parallel ranged parts; a 200 to a Range request falls back to one stream."""
+        """Parallel ranged parts; a 200 to a Range request falls back to one stream. A cut part
+        resumes from its last byte received."""
         assert isinstance(self.source, RegistrySource)
         parts = ing.missing_ranges(self.part_size)
         if not parts:
@@ -250,45 +336,65 @@ class _Fetcher:
         fallback = threading.Event()
 
         def part(rng: tuple[int, int]) -> None:
-            start, end = rng
-            if fallback.is_set() or self._cancel.is_set():
-                return
-            resp = source.open_range(desc, start, end)
-            try:
-                if resp.status == 200:
-                    fallback.set()
+            pos, end = rng
+            attempts = 0
+            while pos < end:
+                if fallback.is_set() or self._cancel.is_set():
                     return
-                pos = start
-                while pos < end:
-                    if self._cancel.is_set():
+                resp = source.open_range(desc, pos, end)
+                marked = pos
+                err: BaseException | None = None
+                try:
+                    if resp.status == 200:
+                        fallback.set()
                         return
-                    chunk = resp.read(min(CHUNK, end - pos))
-                    if not chunk:
-                        break
-                    ing.write_at(pos, chunk)
-                    pos += len(chunk)
-                    self._count(desc.digest, len(chunk))
-                extra = resp.read(1) if pos == end else b""
-            finally:
-                resp.drain_conn()
-                resp.release_conn()
-            if pos != end or extra:
-                if pos > start:
-                    ing.mark_complete(start, pos, sync=False)
-                raise DigestMismatchError(
-                    f"blob {desc.digest}: range {start}-{end - 1} from {source.describe()} returned "
-                    f"{pos - start}{'+' if extra else ''} bytes",
-                    hint="the registry served a wrong range; run the pull again to resume",
-                )
-            ing.mark_complete(start, end, sync=False)
+                    while pos < end and not self._cancel.is_set():
+                        try:
+                            chunk = resp.read(min(CHUNK, end - pos))
+                        except _CUT as e:
+                            err = e
+                            break
+                        if not chunk:
+                            break
+                        ing.write_at(pos, chunk)
+                        pos += len(chunk)
+                        self._count(desc.digest, len(chunk))
+                        if pos - marked >= MARK_EVERY and pos < end:
+                            ing.mark_complete(marked, pos, sync=False)
+                            marked = pos
+                            hasher.notify()
+                    extra = b""
+                    if pos == end and err is None:
+                        with contextlib.suppress(*_CUT):
+                            extra = resp.read(1)
+                finally:
+                    with contextlib.suppress(Exception):
+                        resp.release_conn()
+                if extra:
+                    raise DigestMismatchError(
+                        f"blob {desc.digest}: range ending at {end - 1} from {source.describe()} returned extra bytes",
+                        hint="the registry served a wrong range; nothing was stored",
+                    )
+                ing.mark_complete(marked, pos, sync=False)
+                hasher.notify()
+                if pos < end:
+                    attempts += 1
+                    self._retry_or_raise(desc, attempts, pos, err)
 
-        with ThreadPoolExecutor(max_workers=self.parts_per_blob, thread_name_prefix="imagevol-part") as pool:
-            futures = [pool.submit(part, p) for p in parts]
-            for f in futures:
-                f.result()
+        hasher = _PrefixHasher(ing, desc.digest)
+        try:
+            with ThreadPoolExecutor(max_workers=self.parts_per_blob, thread_name_prefix="imagevol-part") as pool:
+                futures = [pool.submit(part, p) for p in parts]
+                for f in futures:
+                    f.result()
+        except BaseException:
+            hasher.abandon()
+            raise
         if fallback.is_set():
+            hasher.abandon()
             return self._stream(desc, ing)
-        return None  # commit hashes the file once (from the page cache)
+        # A wrong digest here makes commit discard the ingest and raise DigestMismatchError.
+        return hasher.finish()  # None: commit hashes the file once
 
 
 def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Manifest | Index) -> None:
@@ -384,7 +490,8 @@ def pull(
                                message=source.describe()))
     lease = f"pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     fetcher = _Fetcher(store, source, concurrency=concurrency, part_size=part_size,
-                       parts_per_blob=parts_per_blob, progress=progress)
+                       parts_per_blob=parts_per_blob, progress=progress,
+                       retries=options.retries if options is not None else 5)
     with store.lock("gc", shared=True):
         store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
         try:

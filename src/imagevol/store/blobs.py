@@ -422,6 +422,7 @@ class FsckResult:
     wrong_perms: list[Digest] = field(default_factory=list)
     stray_files: list[str] = field(default_factory=list)
     missing_children: list[tuple[Digest, Digest]] = field(default_factory=list)
+    incomplete: list[tuple[Digest, Digest]] = field(default_factory=list)  # informational
     dangling_refs: list[str] = field(default_factory=list)
     quarantined: list[Digest] = field(default_factory=list)
     fixed_perms: list[Digest] = field(default_factory=list)
@@ -517,13 +518,23 @@ def fsck(store: Store, *, repair: bool = False) -> FsckResult:
                 if repair and meta.remove_ref(ref.ref):
                     result.removed_refs.append(ref.ref)
         dangling_parents = []
-        for parent, kids in meta.all_children().items():
+        table = meta.all_children()
+        # Only content a reference or a volume holds claims to be complete; children missing under
+        # anything else are an interrupted pull's leftovers (resumable, reclaimed by gc), not damage.
+        held: set[Digest] = set()
+        todo = [r.digest for r in meta.list_refs()] + [v.digest for v in meta.list_volumes()]
+        while todo:
+            d = todo.pop()
+            if d not in held:
+                held.add(d)
+                todo.extend(table.get(d, []))
+        for parent, kids in table.items():
             if not store.has_blob(parent):
                 dangling_parents.append(parent)
                 continue
             for kid in kids:
                 if not store.has_blob(kid):
-                    result.missing_children.append((parent, kid))
+                    (result.missing_children if parent in held else result.incomplete).append((parent, kid))
         if repair and dangling_parents:
             meta.remove_children_of(dangling_parents)
             result.removed_children_of.extend(dangling_parents)
