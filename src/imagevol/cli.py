@@ -344,16 +344,18 @@ def rm(ctx: click.Context, ref: str) -> None:
 @handle_errors
 def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     """Remove content no reference, volume or pull in flight holds."""
-    from .store import Store
-    from .store import gc as run_gc
+    from .mount import gc as run_gc
 
-    res = run_gc(Store(ctx.obj["root"]), dry_run=dry_run)
-    freed = getattr(res, "bytes_freed", 0)
+    res = run_gc(root=ctx.obj["root"], dry_run=dry_run)
+    freed = res.bytes_freed + res.ingest_bytes_freed
     if as_json:
-        click.echo(json.dumps({"removed": [str(d) for d in res.removed], "bytesFreed": freed,
+        click.echo(json.dumps({"removed": [str(d) for d in res.removed], "removedSnapshots": res.removed_snapshots,
+                               "removedIngests": res.removed_ingests, "bytesFreed": freed,
                                "dryRun": dry_run}, indent=2))
     else:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), {freed} bytes")
+        click.echo(f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), "
+                   f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s): "
+                   f"{freed} bytes")
 
 
 @main.command()
@@ -456,3 +458,4 @@ def volumes_cmd(ctx: click.Context, as_json: bool, prune: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+from . import cli_pack  # noqa: E402, F401  (registers `imagevol pack`)

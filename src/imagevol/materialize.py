@@ -99,6 +99,7 @@ __all__ = [
     "copy_fd",
     "force_rmtree",
     "materialize",
+    "remove_snapshot",
     "snapshot_key",
     "snapshots_dir",
 ]
@@ -240,6 +241,30 @@ def _lock_name(key: str) -> str:
 
 def _info_path(snaps: Path, key: str) -> Path:
     return snaps / f"{INFO_PREFIX}{key}.json"
+
+
+def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | None:
+    """Delete the snapshot `key` (its tree, info file and record) unless it is being built right
+    now; returns the bytes its files took (hard links to blobs count nothing), or None if busy.
+    Callers (gc) make sure no volume uses it."""
+    snaps = snapshots_dir(store)
+    try:
+        with store.lock(_lock_name(key), blocking=False):
+            path = snaps / key
+            freed = 0
+            for dirpath, dirnames, filenames in os.walk(path):
+                for n in dirnames + filenames:
+                    st = os.lstat(os.path.join(dirpath, n))
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                        freed += st.st_blocks * 512
+            if not dry_run:
+                force_rmtree(path)
+                with contextlib.suppress(FileNotFoundError):
+                    _info_path(snaps, key).unlink()
+                store.meta.remove_snapshot(key)
+            return freed
+    except StoreError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -446,8 +471,8 @@ def _tar_base(parts: list[str], first: list[str]) -> list[str]:
     """Where a tar that belongs to path ``parts`` is extracted, from its first entry's components."""
     if not parts:
         return []
-    if first[: len(parts)] == parts:
-        return []  # entries carry the full path
+    if first[: len(parts)] == parts or (first and len(first) < len(parts) and parts[: len(first)] == first):
+        return []  # entries carry the full path (the first entry may be a parent directory of it)
     if first[:1] == parts[-1:]:
         return parts[:-1]  # entries carry the last component
     return parts  # entries are the directory's content

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .materialize import MaterializeOptions, Snapshot, materialize
+from .materialize import MaterializeOptions, Snapshot, materialize, remove_snapshot
 from .platform import Platform
 from .pull import ProgressFn, PullResult, pull
 from .reference import LayoutReference, Reference
 from .sources.registry import RegistryOptions
-from .store import Store
+from .store import GcResult, Store
+from .store import gc as store_gc
 from .volume import Volume, create_volume, list_volumes, reconcile, remove_volume
 
 
@@ -106,3 +107,9 @@ def volumes(*, root: str | os.PathLike[str] | Store, reconcile_stale: bool = Fal
     if reconcile_stale:
         reconcile(store)
     return list_volumes(store)
+
+
+def gc(*, root: str | os.PathLike[str] | Store, dry_run: bool = False) -> GcResult:
+    """Reclaim blobs, snapshots and stale downloads that no reference, volume or pull holds."""
+    store = root if isinstance(root, Store) else Store(root)
+    return store_gc(store, dry_run=dry_run, remove_snapshot=lambda key, dry: remove_snapshot(store, key, dry_run=dry))

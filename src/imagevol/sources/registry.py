@@ -356,11 +356,12 @@ class Transport:
 class RegistryClient:
     """Talks the distribution API to one registry host for one repository."""
 
-    def __init__(self, transport: Transport, host: str, repo: str) -> None:
+    def __init__(self, transport: Transport, host: str, repo: str, actions: str = "pull") -> None:
         self.t = transport
         self.host = host
         self.repo = repo
-        self.scope = f"repository:{repo}:pull"
+        # `actions` is "pull", or "pull,push" for a client that pushes.
+        self.scope = f"repository:{repo}:{actions}"
 
     def url(self, path: str) -> str:
         return f"{self.t.scheme(self.host)}://{self.host}/v2/{self.repo}/{path}"
@@ -374,8 +375,12 @@ class RegistryClient:
         stream: bool = False,
         ok: tuple[int, ...] = (200,),
         what: str = "",
+        body: Any = None,
     ) -> urllib3.BaseHTTPResponse:
-        """One API call with auth, retries and safe redirects. Raises on a status not in `ok`."""
+        """One API call with auth, retries and safe redirects. Raises on a status not in `ok`.
+
+        `body` (bytes, or a re-iterable of bytes with a Content-Length header, so a retry can send
+        it again) is passed to urllib3; pushes list 201/202/204 in `ok`."""
         url = self.url(path)
         attempt = 0
         authed_once = False
@@ -385,7 +390,7 @@ class RegistryClient:
             if auth:
                 hdrs["Authorization"] = auth
             try:
-                r = self._follow(method, url, hdrs, stream)
+                r = self._follow(method, url, hdrs, stream, body)
             except (
                 urllib3.exceptions.ProtocolError,
                 urllib3.exceptions.TimeoutError,
@@ -431,12 +436,14 @@ class RegistryClient:
         delay = min(delay, 60.0)
         time.sleep(delay + (random.random() * 0.1 if retry_after is None else 0))
 
-    def _follow(self, method: str, url: str, headers: dict[str, str], stream: bool) -> urllib3.BaseHTTPResponse:
+    def _follow(
+        self, method: str, url: str, headers: dict[str, str], stream: bool, body: Any = None
+    ) -> urllib3.BaseHTTPResponse:
         origin = urlsplit(url).netloc
         for _ in range(10):
             parts = urlsplit(url)
             pm = self.t.pool(parts.netloc, parts.scheme)
-            r = pm.request(method, url, headers=headers, preload_content=not stream, redirect=False)
+            r = pm.request(method, url, headers=headers, body=body, preload_content=not stream, redirect=False)
             if r.status not in (301, 302, 303, 307, 308):
                 return r
             loc = r.headers.get("Location")
@@ -450,6 +457,8 @@ class RegistryClient:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if r.status == 303:
                 method = "GET"
+                body = None
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "content-range")}
         raise TransportError(f"too many redirects from {origin}")
 
     def _error(self, status: int, body: bytes, what: str) -> Exception:

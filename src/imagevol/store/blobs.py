@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -263,6 +263,7 @@ class GcResult:
     removed_ingests: list[str] = field(default_factory=list)
     ingest_bytes_freed: int = 0
     expired_leases: list[str] = field(default_factory=list)
+    removed_snapshots: list[str] = field(default_factory=list)
     dry_run: bool = False
 
 
@@ -341,12 +342,15 @@ def gc(
     dry_run: bool = False,
     ingest_max_age: float = 24 * 3600.0,
     blocking: bool = True,
+    remove_snapshot: Callable[[str, bool], int | None] | None = None,
 ) -> GcResult:
     """Remove blobs nothing needs, and stale ingests.
 
     Roots: refs, non-expired leases, volumes' manifests, and snapshots that are building or used by a
     volume; everything reachable from them (recorded children, and the descriptors of manifest JSON)
     is kept. Ingests untouched for ``ingest_max_age`` seconds whose lock is free are removed.
+    ``remove_snapshot(key, dry_run)`` (from the materializer) deletes unused snapshots of manifests
+    that are not kept and returns the bytes freed (None when the snapshot is busy).
     Holds ``store.lock("gc")`` exclusively throughout.
     """
     store.ensure()
@@ -367,6 +371,18 @@ def gc(
             if snap.digest is not None and (snap.state != "ready" or snap.key in used_snapshots):
                 roots.add(snap.digest)
         marked = reachable(store, roots)
+        if remove_snapshot is not None:
+            # Snapshots no volume uses and whose manifest is not kept go first (their files may be
+            # hard links to the blobs swept below).
+            for snap in meta.list_snapshots():
+                if snap.state != "ready" or snap.key in used_snapshots:
+                    continue
+                if snap.digest is not None and snap.digest in marked:
+                    continue
+                freed = remove_snapshot(snap.key, dry_run)
+                if freed is not None:
+                    result.removed_snapshots.append(snap.key)
+                    result.bytes_freed += freed
 
         for digest, size in list(store.iter_blobs()):
             if digest in marked:

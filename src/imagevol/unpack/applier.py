@@ -467,6 +467,14 @@ class _Applier:
         self.touched: set[str] = {""}
         # Directories whose metadata is finished at the end: (key, mode or None, mtime_ns).
         self.fixups: list[tuple[str, int | None, int]] = []
+        # Directories this layer changes without an entry of their own keep their times (as umoci
+        # does): resolved key -> (atime_ns, mtime_ns) before the first change.
+        self.kept_times: dict[str, tuple[int, int]] = {}
+
+    def _keep_times(self, pfd: int, pkey: str) -> None:
+        if pkey not in self.kept_times:
+            st = os.fstat(pfd)
+            self.kept_times[pkey] = (st.st_atime_ns, st.st_mtime_ns)
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -759,6 +767,7 @@ class _Applier:
         assert walked is not None
         pfd, presolved = walked
         key = _key([*presolved, base])
+        self._keep_times(pfd, _key(presolved))
         try:
             if typ == _DIR:
                 self._dir(pfd, base, key, e)
@@ -897,6 +906,7 @@ class _Applier:
             return  # the parent does not exist: nothing to hide
         pfd, presolved = walked
         pkey = _key(presolved)
+        self._keep_times(pfd, pkey)
         try:
             if opaque:
                 for child in os.listdir(pfd):
@@ -908,6 +918,18 @@ class _Applier:
 
     def finish(self) -> None:
         """Directory modes (when not root) and mtimes, now that nothing more is written in them."""
+        explicit = {key for key, _, _ in self.fixups}
+        for key, (atime_ns, mtime_ns) in self.kept_times.items():
+            if key in explicit:
+                continue
+            try:
+                fd = self._open_resolved(key.split("/") if key else [])
+            except UnsafeContentError:
+                continue
+            try:
+                os.utime(fd, ns=(atime_ns, mtime_ns))
+            finally:
+                os.close(fd)
         for key, mode, mtime_ns in self.fixups:
             try:
                 fd = self._open_resolved(key.split("/") if key else [])

@@ -1,0 +1,506 @@
+"""Packing without a registry: deterministic tars, layer split, index sharing, ModelPack kinds,
+artifact tree layers, compression determinism, the OCI layout sink."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from imagevol import mediatypes as mt
+from imagevol.digest import digest_bytes
+from imagevol.errors import UsageError
+from imagevol.manifest import Index, Manifest, parse_config, parse_manifest
+from imagevol.pack import (
+    DEFAULT_PLATFORMS,
+    TREE_TITLE,
+    build,
+    modelpack_kind,
+    pack,
+    plan_image_layers,
+    scan_tree,
+)
+from imagevol.reference import parse_layout_reference
+from imagevol.sinks import FileRange
+from imagevol.sinks.layout import LayoutSink
+from imagevol.sources.layout import LayoutSource
+from imagevol.tarwriter import LayerWriter, TarWriter
+
+MiB = 1 << 20
+
+
+def make_tree(root: Path, *, big: int = 2 * MiB, seed: bytes = b"x") -> Path:
+    """A small model directory with every kind of entry pack handles."""
+    root.mkdir(parents=True)
+    (root / "config.json").write_text('{"hidden": 8}')
+    (root / "README.md").write_text("# tiny\n")
+    (root / "model-00001.safetensors").write_bytes(hashlib.sha256(seed).digest() * (big // 32))
+    (root / "model-00002.safetensors").write_bytes(hashlib.sha256(seed + b"2").digest() * (big // 32))
+    os.link(root / "model-00001.safetensors", root / "alias.safetensors")
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.json").write_text("{}")
+    (root / "tok" / "vocab.txt").write_text("a\nb\n")
+    os.link(root / "tok" / "vocab.txt", root / "tok" / "vocab-copy.txt")
+    (root / "empty").mkdir()
+    (root / "private").mkdir(mode=0o700)
+    (root / "private").chmod(0o700)
+    (root / "private" / "secret").write_text("s")
+    (root / "private" / "secret").chmod(0o600)
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "latest").symlink_to("model-00001.safetensors")
+    (root / "dangling").symlink_to("../nowhere")
+    (root / "data").mkdir()
+    (root / "data" / "train.jsonl").write_text('{"x":1}\n')
+    (root / ("ünïcode-" + "n" * 120)).write_text("long non-ascii name")
+    return root
+
+
+def members(data: bytes, compression: str = "none") -> list[tarfile.TarInfo]:
+    if compression == "gzip":
+        data = gzip.decompress(data)
+    elif compression == "zstd":
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+        return tf.getmembers()
+
+
+def blob_bytes(built, digest) -> bytes:
+    b = built.blobs[digest]
+    return b.data if b.data is not None else b.path.read_bytes()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return make_tree(tmp_path / "model")
+
+
+# ----------------------------------------------------------------------------------------- scanning
+
+
+def test_scan_is_depth_first_sorted_and_keeps_hardlinks(tree: Path) -> None:
+    entries = scan_tree(tree)
+    paths = [e.path for e in entries]
+    # depth first, children sorted by name bytes: a directory's content right after it
+    assert paths.index("tok") + 1 == paths.index("tok/tokenizer.json")
+    top = [p for p in paths if "/" not in p]
+    assert top == sorted(top, key=os.fsencode)
+    kinds = {e.path: e for e in entries}
+    assert kinds["alias.safetensors"].kind == "file"  # sorts first: the primary name
+    assert kinds["model-00001.safetensors"].kind == "hardlink"
+    assert kinds["model-00001.safetensors"].target == "alias.safetensors"
+    assert kinds["latest"].kind == "symlink" and kinds["latest"].target == "model-00001.safetensors"
+    assert kinds["private"].mode == 0o700 and kinds["private/secret"].mode == 0o600
+    assert kinds["empty"].kind == "dir"
+
+
+def test_scan_refuses_fifos(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "pipe")
+    with pytest.raises(UsageError, match="FIFO"):
+        scan_tree(tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------------------- tar writer
+
+
+def test_tar_headers_are_fixed_and_minimal() -> None:
+    out = io.BytesIO()
+    w = TarWriter(out, mtime=0)
+    w.add_dir("d", 0o750)
+    w.add_bytes("d/f", b"abc", 0o640)
+    w.add_symlink("d/l", "f")
+    w.add_hardlink("d/h", "d/f", 0o640)
+    w.close()
+    data = out.getvalue()
+    assert len(data) % 512 == 0 and data.endswith(bytes(1024))
+    assert len(data) == 512 * 5 + 1024  # 4 headers, 1 data block, end: no record padding
+    ms = members(data)
+    assert [(m.name, m.type) for m in ms] == [
+        ("d", tarfile.DIRTYPE),
+        ("d/f", tarfile.REGTYPE),
+        ("d/l", tarfile.SYMTYPE),
+        ("d/h", tarfile.LNKTYPE),
+    ]
+    for m in ms:
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.devmajor, m.devminor) == (0, 0, 0, "", "", 0, 0)
+        assert not m.pax_headers  # ustar is enough: no PAX records
+    assert oct(ms[0].mode) == oct(0o750) and ms[3].linkname == "d/f"
+
+
+def test_long_and_non_ascii_names_use_pax(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    w = TarWriter(out)
+    name = "dir/" + "ü" * 70 + ".bin"
+    w.add_bytes(name, b"z")
+    w.close()
+    (m,) = members(out.getvalue())
+    assert m.name == name and m.pax_headers.get("path") == name
+
+
+def test_file_that_changes_size_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"12345")
+    w = TarWriter(io.BytesIO())
+    with pytest.raises(Exception, match="grew"):
+        w.add_file("f", f, 0o644, 3)
+    with pytest.raises(Exception, match="shrank"):
+        TarWriter(io.BytesIO()).add_file("f", f, 0o644, 9)
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_layer_writer_digests_in_one_pass(compression: str) -> None:
+    out = io.BytesIO()
+    w = LayerWriter(out, compression)
+    w.tar.add_bytes("a", os.urandom(100_000))
+    digest, size, diff_id, raw_size = w.finish()
+    blob = out.getvalue()
+    assert digest == digest_bytes(blob) and size == len(blob)
+    raw = blob
+    if compression == "gzip":
+        raw = gzip.decompress(blob)
+        assert blob[4:8] == bytes(4)  # gzip header mtime 0
+        assert not blob[3] & 0x08  # no file name
+    elif compression == "zstd":
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    assert diff_id == digest_bytes(raw) and raw_size == len(raw)
+    if compression == "none":
+        assert diff_id == digest
+
+
+def test_zstd_output_does_not_depend_on_thread_count() -> None:
+    """libzstd's multi-threaded output is the same for any worker count, so ``threads=-1`` (all
+    CPUs of whatever machine packs) gives the same blob everywhere."""
+    data = os.urandom(3 * MiB) + bytes(6 * MiB) + b"weights" * 300_000
+    ours = io.BytesIO()
+    lw = LayerWriter(ours, "zstd")
+    lw.write(data)  # the tar stream as the tar writer hands it on
+    lw.finish()  # ends the archive: two zero blocks
+    outs = {ours.getvalue()}
+    stream = data + bytes(1024)
+    for threads in (1, 2, 4, 8):
+        buf = io.BytesIO()
+        w = zstandard.ZstdCompressor(level=3, threads=threads).stream_writer(buf, closefd=False)
+        for i in range(0, len(stream), 700_001):  # other write sizes: boundaries must not matter
+            w.write(stream[i : i + 700_001])
+        w.close()
+        outs.add(buf.getvalue())
+    assert len(outs) == 1
+
+
+# ----------------------------------------------------------------------------------------- image format
+
+
+def test_layer_split_large_files_alone_hardlinks_follow(tree: Path) -> None:
+    plans = plan_image_layers(scan_tree(tree), large_file_size=1 * MiB)
+    assert plans[0].name == "files"
+    large = {p.name: [e.path for e in p.entries] for p in plans[1:]}
+    assert large == {
+        "alias.safetensors": ["alias.safetensors", "model-00001.safetensors"],
+        "model-00002.safetensors": ["model-00002.safetensors"],
+    }
+    small = [e.path for e in plans[0].entries]
+    assert "empty" in small and "latest" in small and "tok/vocab.txt" in small
+    assert not any(p.endswith(".safetensors") for p in small)
+    # with a threshold above every size, one layer
+    assert len(plan_image_layers(scan_tree(tree), large_file_size=1 << 40)) == 1
+
+
+def test_image_index_shares_layers_across_default_platforms(tree: Path) -> None:
+    b = build(tree, format="image", large_file_size=1 * MiB)
+    try:
+        idx = parse_manifest(b.body, mt.OCI_INDEX)
+        assert isinstance(idx, Index)
+        assert [str(d.platform) for d in idx.manifests] == [
+            "linux/amd64",
+            "linux/arm64/v8",
+            "linux/arm/v7",
+            "linux/ppc64le",
+            "linux/s390x",
+            "linux/riscv64",
+        ]
+        assert len(DEFAULT_PLATFORMS) == 6
+        mans = [parse_manifest(body, mt.OCI_MANIFEST) for body, _ in b.children]
+        layer_sets = {tuple(x.digest for x in m.layers) for m in mans}
+        assert len(layer_sets) == 1 and len(next(iter(layer_sets))) == 3
+        configs = {m.config.digest for m in mans}
+        assert len(configs) == 6
+        for desc, m in zip(idx.manifests, mans, strict=True):
+            assert isinstance(m, Manifest) and m.is_image and m.digest == desc.digest
+            cfg = parse_config(blob_bytes(b, m.config.digest))
+            assert cfg.platform == desc.platform and cfg.runnable
+            assert "created" not in cfg.raw
+            # diff_ids are the uncompressed layers (here uncompressed: the blobs)
+            assert list(cfg.diff_ids) == [x.digest for x in m.layers]
+        # the small layer holds the tree's structure with modes, symlinks, hard links
+        small = {m.name: m for m in members(blob_bytes(b, mans[0].layers[0].digest))}
+        assert small["empty"].isdir() and small["private"].mode == 0o700
+        assert small["latest"].issym() and small["dangling"].linkname == "../nowhere"
+        # "vocab-copy.txt" sorts before "vocab.txt": it is the file, the other name a hard link to it
+        assert small["tok/vocab.txt"].islnk() and small["tok/vocab.txt"].linkname == "tok/vocab-copy.txt"
+        assert small["run.sh"].mode == 0o755
+    finally:
+        b.cleanup()
+
+
+def test_image_platforms_and_agnostic(tree: Path) -> None:
+    b = build(tree, platforms=["linux/arm64,linux/amd64"])
+    idx = parse_manifest(b.body, mt.OCI_INDEX)
+    assert [str(d.platform) for d in idx.manifests] == ["linux/arm64", "linux/amd64"]
+    b.cleanup()
+    b = build(tree, agnostic=True, compression="gzip")
+    try:
+        idx = parse_manifest(b.body, mt.OCI_INDEX)
+        assert len(idx.manifests) == 1 and idx.manifests[0].platform is None
+        m = parse_manifest(b.children[0][0], mt.OCI_MANIFEST)
+        cfg = parse_config(blob_bytes(b, m.config.digest))
+        assert (cfg.os, cfg.architecture, cfg.variant) == ("linux", "amd64", "")
+        assert all(x.media_type == mt.OCI_LAYER_GZIP for x in m.layers)
+        assert cfg.diff_ids[0] != m.layers[0].digest  # compressed: diff_id is of the tar
+    finally:
+        b.cleanup()
+    with pytest.raises(UsageError, match="exclude"):
+        build(tree, agnostic=True, platforms=["linux/amd64"])
+
+
+@pytest.mark.parametrize("fmt", ["image", "artifact", "modelpack"])
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_same_tree_same_digests_whatever_mtimes_cwd_and_location(
+    tmp_path: Path, fmt: str, compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = make_tree(tmp_path / "a")
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b, symlinks=True)  # new inodes, new mtimes (hard links become copies: redo)
+    os.unlink(b / "model-00001.safetensors")
+    os.link(b / "alias.safetensors", b / "model-00001.safetensors")
+    os.unlink(b / "tok" / "vocab-copy.txt")
+    os.link(b / "tok" / "vocab.txt", b / "tok" / "vocab-copy.txt")
+    for p in b.rglob("*"):
+        os.utime(p, (1_234_567_890, 1_234_567_890), follow_symlinks=False)
+    kw = dict(format=fmt, compression=compression, large_file_size=1 * MiB)
+    monkeypatch.chdir(tmp_path)
+    first = build("a", **kw)
+    monkeypatch.chdir(b.parent)
+    second = build(b, **kw)
+    try:
+        assert first.digest == second.digest
+        assert [m.digest for m in first.manifests] == [m.digest for m in second.manifests]
+        assert sorted(first.blobs) == sorted(second.blobs)
+    finally:
+        first.cleanup()
+        second.cleanup()
+
+
+def test_source_date_epoch_sets_mtimes_and_created(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = build(tree, platforms=["linux/amd64"])
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    dated = build(tree, platforms=["linux/amd64"])
+    try:
+        assert plain.digest != dated.digest
+        m = parse_manifest(dated.children[0][0], mt.OCI_MANIFEST)
+        assert json.loads(blob_bytes(dated, m.config.digest))["created"] == "2023-11-14T22:13:20Z"
+        assert {x.mtime for x in members(blob_bytes(dated, m.layers[0].digest))} == {1700000000}
+    finally:
+        plain.cleanup()
+        dated.cleanup()
+
+
+# ----------------------------------------------------------------------------------------- artifacts
+
+
+def test_artifact_raw_layers_and_tree(tree: Path) -> None:
+    b = build(tree, format="artifact", artifact_type="application/vnd.example.data.v1")
+    try:
+        m = parse_manifest(b.body, mt.OCI_MANIFEST)
+        assert isinstance(m, Manifest) and not m.is_image
+        assert m.artifact_type == "application/vnd.example.data.v1"
+        assert m.config.media_type == mt.OCI_EMPTY and m.config.digest == mt.OCI_EMPTY_DIGEST
+        assert m.config.data == b"{}" and m.config.size == 2
+        assert b'"data":"e30="' in b.body
+        raw = [x for x in m.layers if x.media_type == "application/octet-stream"]
+        titles = [x.title for x in raw]
+        # plain-mode files are raw layers; the executable and the 0600 file are not
+        assert "config.json" in titles and "tok/tokenizer.json" in titles and "data/train.jsonl" in titles
+        assert "run.sh" not in titles and "private/secret" not in titles
+        # hard links: the same blob twice
+        byname = {x.title: x for x in raw}
+        assert byname["alias.safetensors"].digest == byname["model-00001.safetensors"].digest
+        meta = json.loads(byname["config.json"].annotations[mt.ANN_CNCF_FILE_METADATA])
+        assert meta == {
+            "name": "config.json",
+            "mode": 0o644,
+            "uid": 0,
+            "gid": 0,
+            "size": 13,
+            "mtime": "1970-01-01T00:00:00Z",
+            "typeflag": 48,
+        }
+        tree_layer = m.layers[-1]
+        assert tree_layer.title == TREE_TITLE and tree_layer.media_type == mt.OCI_LAYER
+        assert mt.ANN_ORAS_UNPACK not in tree_layer.annotations
+        ms = members(blob_bytes(b, tree_layer.digest))
+        assert ms[0].name == TREE_TITLE and ms[0].isdir()  # first entry: imagevol extracts at the root
+        names = {x.name: x for x in ms}
+        assert names["run.sh"].isfile() and names["run.sh"].mode == 0o755
+        assert names["private/secret"].mode == 0o600 and names["private"].mode == 0o700
+        assert names["empty"].isdir() and names["latest"].issym()
+        assert "config.json" not in names
+    finally:
+        b.cleanup()
+
+
+def test_artifact_of_plain_files_has_no_tree(tmp_path: Path) -> None:
+    d = tmp_path / "plain"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.bin").write_bytes(b"a")
+    (d / "sub" / "b.bin").write_bytes(b"b")
+    b = build(d, format="artifact")
+    try:
+        m = parse_manifest(b.body, mt.OCI_MANIFEST)
+        assert [x.title for x in m.layers] == ["a.bin", "sub/b.bin"]
+        assert m.effective_artifact_type == "application/vnd.imagevol.data.v1"
+    finally:
+        b.cleanup()
+    with pytest.raises(UsageError, match="artifact"):
+        build(d, format="image", artifact_type="x/y")
+
+
+def test_artifact_with_platforms_is_an_index_of_one_manifest(tree: Path) -> None:
+    b = build(tree, format="artifact", platforms=["linux/amd64", "linux/arm64"])
+    try:
+        idx = parse_manifest(b.body, mt.OCI_INDEX)
+        assert len({d.digest for d in idx.manifests}) == 1
+        assert [str(d.platform) for d in idx.manifests] == ["linux/amd64", "linux/arm64"]
+    finally:
+        b.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "guessed"),
+    [
+        ("model-00001-of-00002.safetensors", "weight", False),
+        ("sub/pytorch_model.bin", "weight", False),
+        ("model.gguf", "weight", False),
+        ("onnx/model.onnx", "weight", False),
+        ("config.json", "weight.config", False),
+        ("generation_config.json", "weight.config", False),
+        ("tokenizer.json", "weight.config", False),
+        ("tokenizer_config.json", "weight.config", False),
+        ("tokenizer.model", "weight.config", False),
+        ("vocab.txt", "weight.config", False),
+        ("merges.txt", "weight.config", False),
+        ("special_tokens_map.json", "weight.config", False),
+        ("README.md", "doc", False),
+        ("LICENSE", "doc", False),
+        ("docs/usage.md", "doc", False),
+        ("modeling.py", "code", False),
+        ("scripts/run.sh", "code", False),
+        ("demo.ipynb", "code", False),
+        ("data/train.bin", "dataset", False),
+        ("datasets/x.txt", "dataset", False),
+        ("eval.parquet", "dataset", False),
+        ("notes.txt", "weight.config", True),
+    ],
+)
+def test_modelpack_kinds(path: str, kind: str, guessed: bool) -> None:
+    assert modelpack_kind(path, 10) == (kind, guessed)
+
+
+def test_modelpack_unknown_large_file_is_a_weight() -> None:
+    assert modelpack_kind("blob.dat", 200 * MiB) == ("weight", True)
+
+
+def test_modelpack_manifest_and_config(tree: Path) -> None:
+    b = build(tree, format="modelpack")
+    try:
+        m = parse_manifest(b.body, mt.OCI_MANIFEST)
+        assert m.artifact_type == mt.MODELPACK_ARTIFACT and m.config.media_type == mt.MODELPACK_CONFIG
+        by = {x.annotations.get(mt.ANN_CNCF_FILEPATH): x for x in m.layers}
+        assert by["model-00002.safetensors"].media_type == "application/vnd.cncf.model.weight.v1.raw"
+        assert by["README.md"].media_type == "application/vnd.cncf.model.doc.v1.raw"
+        assert by["run.sh"].media_type == "application/vnd.cncf.model.code.v1.raw"
+        assert by["data/train.jsonl"].media_type == "application/vnd.cncf.model.dataset.v1.raw"
+        assert by["tok/tokenizer.json"].media_type == "application/vnd.cncf.model.weight.config.v1.raw"
+        assert by["run.sh"].title == "run.sh"
+        assert json.loads(by["run.sh"].annotations[mt.ANN_CNCF_FILE_METADATA])["mode"] == 0o755
+        assert json.loads(by["private/secret"].annotations[mt.ANN_CNCF_FILE_METADATA])["mode"] == 0o600
+        cfg = json.loads(blob_bytes(b, m.config.digest))
+        assert list(cfg) == ["descriptor", "modelfs", "config"]
+        assert cfg["modelfs"]["type"] == "layers"
+        assert cfg["config"] == {"format": "safetensors"}
+        # raw layers: the diff_id is the blob; the tree tar (uncompressed) likewise
+        assert cfg["modelfs"]["diffIds"] == [str(x.digest) for x in m.layers]
+        tree_layer = by[TREE_TITLE]
+        assert tree_layer.media_type == "application/vnd.cncf.model.weight.config.v1.tar"
+        names = [x.name for x in members(blob_bytes(b, tree_layer.digest))]
+        assert names[0] == TREE_TITLE and "empty" in names and "latest" in names
+        assert "run.sh" not in names  # modes travel in the metadata annotation
+    finally:
+        b.cleanup()
+
+
+# ----------------------------------------------------------------------------------------- sinks
+
+
+def test_file_range_is_re_iterable(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(bytes(range(256)) * 10_000)
+    seen: list[int] = []
+    body = FileRange(f, 100, 2 * MiB, seen.append)
+    once = b"".join(body)
+    again = b"".join(body)
+    assert once == again == f.read_bytes()[100 : 100 + 2 * MiB]
+    assert sum(seen) == 4 * MiB
+
+
+def test_pack_into_layout_tags_and_replaces(tree: Path, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    kw = dict(format="image", platforms=["linux/amd64", "linux/arm64"], large_file_size=1 * MiB)
+    r1 = pack(tree, f"oci:{layout}:v1", **kw)
+    assert r1.blobs_pushed == 5 and r1.blobs_skipped == 0  # small-files layer, 2 shard layers, 2 configs
+    r2 = pack(tree, f"oci:{layout}:v2", format="artifact")
+    (tree / "extra.txt").write_text("new")
+    r3 = pack(tree, f"oci:{layout}:v1", **kw)
+    assert r3.digest != r1.digest and r3.blobs_skipped == 2  # the shard layers are shared
+    index = json.loads((layout / "index.json").read_text())
+    tags = {e["annotations"][mt.ANN_REF_NAME]: e["digest"] for e in index["manifests"]}
+    assert tags == {"v1": r3.digest, "v2": r2.digest}
+    assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    assert not [p for p in layout.iterdir() if p.name.startswith(".imagevol-pack")]
+    assert not [p for p in (layout / "blobs" / "sha256").iterdir() if p.name.startswith(".")]
+    src = LayoutSource(parse_layout_reference(f"oci:{layout}:v1"))
+    desc, doc = src.resolve()
+    assert desc.digest == r3.digest and isinstance(doc, Index)
+    for child in doc.manifests:
+        m = src.manifest(child)
+        for x in (m.config, *m.layers):
+            src.blob_bytes(x, 1 << 30)  # verified against the digest
+    # packing into the layout moved the scratch tars and copied nothing of the source
+    assert (tree / "config.json").stat().st_nlink == 1
+
+
+def test_layout_sink_blob_modes(tmp_path: Path) -> None:
+    sink = LayoutSink(tmp_path / "l", tag="t")
+    src = tmp_path / "blob"
+    src.write_bytes(b"hello")
+    d = digest_bytes(b"hello")
+    assert sink.put_blob_file(src, d, 5, mode="copy") is True
+    assert sink.put_blob_file(src, d, 5, mode="copy") is False
+    assert sink.blob_path(d).read_bytes() == b"hello"
+    other = digest_bytes(b"other")
+    with pytest.raises(Exception, match=r"changed|bytes"):
+        sink.put_blob_file(src, other, 5, mode="copy")
+    assert not sink.has_blob(other)
+    assert sink.put_blob_bytes(b"{}") == mt.OCI_EMPTY_DIGEST
+    with pytest.raises(UsageError, match="not empty"):
+        (tmp_path / "junk").mkdir()
+        (tmp_path / "junk" / "file").write_text("x")
+        LayoutSink(tmp_path / "junk")
