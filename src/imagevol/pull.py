@@ -507,3 +507,24 @@ def pull(
                       downloaded=fetcher.downloaded, reused=fetcher.reused, blobs=len(_needed(sel.manifest)),
                       seconds=time.monotonic() - t0, warnings=sel.warnings)
 
+
+
+def export_layout(store: Store, result: PullResult, dest: str | LayoutReference) -> Descriptor:
+    """Write the pulled manifest and its blobs into an OCI layout (`oci:DIR[:TAG]`), as `skopeo copy`
+    without `--all` does: the tag names the manifest chosen for the node. Blobs are hard links to
+    the store's verified files where the file system allows (else verified copies)."""
+    from .sinks.layout import LayoutSink
+
+    ref = parse_any(dest) if isinstance(dest, str) else dest
+    if not isinstance(ref, LayoutReference):
+        raise UsageError(f"--output must be an OCI layout (oci:DIR[:TAG]), not {dest!r}")
+    sink = LayoutSink.for_reference(ref)
+    m = result.manifest
+    for d in (m.config, *m.layers):
+        if d.data is not None and not store.has_blob(d.digest):
+            sink.put_blob_bytes(d.data, d.digest)
+        else:
+            sink.put_blob_file(store.blob_path(d.digest), d.digest, d.size, mode="link")
+    desc = sink.put_manifest(m.raw, m.media_type)
+    sink.tag(desc, ref.tag)
+    return desc
