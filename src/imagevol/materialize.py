@@ -679,7 +679,7 @@ class _Builder:
         what: str,
         expect: Digest | None = None,
     ) -> list[str]:
-        base = _tar_base(parts, first)
+        base = [] if layer.annotations.get(mt.ANN_IMAGEVOL_ROOT) == "true" else _tar_base(parts, first)
         fd = self._open_dir(base, what)
         try:
             self.apply(layer, fd, compression, self.artifact_opts, what, expect)

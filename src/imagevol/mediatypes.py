@@ -52,6 +52,9 @@ ANN_CNCF_FILE_METADATA = "org.cncf.model.file.metadata+json"
 ANN_ORAS_UNPACK = "io.deis.oras.content.unpack"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 ANN_CREATED = "org.opencontainers.image.created"
+# imagevol's own: a tar layer of an artifact whose entries are relative to the volume root (the
+# directories, symlinks and modes raw layers cannot carry); other tools see a file at its title.
+ANN_IMAGEVOL_ROOT = "io.imagevol.layer.root"
 
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})

@@ -19,11 +19,11 @@ Formats (see docs/formats.md, "Packing"):
     (``org.opencontainers.image.title``, ``/``-separated) and carrying
     ``org.cncf.model.file.metadata+json``. Whatever raw layers cannot say (directories that are
     empty or not 0755, symlinks, files whose read-only mode is not 0444, e.g. executables) goes into
-    ONE extra tar layer titled ``.imagevol-tree`` whose entries are relative to the root and whose
-    first entry is the directory ``.imagevol-tree/``: imagevol extracts it at the volume root (the
-    volume then equals the directory, plus that empty marker directory); ORAS and CRI-O see a file
-    (or directory) named ``.imagevol-tree``. It carries no ORAS unpack annotation, because
-    oras-go refuses tar entries outside the title.
+    ONE extra tar layer titled ``.imagevol-tree`` whose entries are relative to the root and which
+    carries the annotation ``io.imagevol.layer.root: "true"``: imagevol extracts it at the volume
+    root, so the volume equals the directory; ORAS and CRI-O see a file (or directory) named
+    ``.imagevol-tree``. It carries no ORAS unpack annotation, because oras-go refuses tar entries
+    outside the title.
 ``modelpack``
     A CNCF ModelPack (model-spec v1): artifactType ``application/vnd.cncf.model.manifest.v1+json``,
     config ``application/vnd.cncf.model.config.v1+json`` (descriptor, modelfs with diffIds,
@@ -165,11 +165,10 @@ def scan_tree(directory: str | os.PathLike[str]) -> list[Entry]:
 
 @dataclass
 class LayerPlan:
-    """Entries that go into one tar layer; ``marker``: start with the `.imagevol-tree/` directory."""
+    """Entries that go into one tar layer."""
 
     name: str
     entries: list[Entry]
-    marker: bool = False
 
 
 def plan_image_layers(entries: Sequence[Entry], large_file_size: int = DEFAULT_LARGE_FILE_SIZE) -> list[LayerPlan]:
@@ -223,7 +222,7 @@ def _tree_plan(entries: Sequence[Entry], raw_paths: set[str]) -> LayerPlan | Non
             hint="rename it, or pack with --format image",
         )
     chosen = [e for e in entries if e.kind == "dir" or e.path in in_tree]
-    return LayerPlan(TREE_TITLE, chosen, marker=True)
+    return LayerPlan(TREE_TITLE, chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,8 +458,6 @@ class _Builder:
         fd, tmp = tempfile.mkstemp(prefix="layer-", dir=self.workdir)
         with os.fdopen(fd, "wb") as f:
             w = LayerWriter(f, self.compression, mtime=self.mtime)
-            if plan.marker:
-                w.tar.add_dir(TREE_TITLE, 0o755)
             for e in plan.entries:
                 if e.kind == "dir":
                     w.tar.add_dir(e.path, e.mode)
@@ -692,10 +689,10 @@ def _build_artifact(
     if tree is not None:
         if modelpack:
             tree_type = f"{mt.MODELPACK_LAYER_PREFIX}weight.config.v1.{_TAR_SUFFIX[b.compression]}"
-            tree_ann = {mt.ANN_CNCF_FILEPATH: TREE_TITLE, mt.ANN_TITLE: TREE_TITLE}
+            tree_ann = {mt.ANN_CNCF_FILEPATH: TREE_TITLE, mt.ANN_TITLE: TREE_TITLE, mt.ANN_IMAGEVOL_ROOT: "true"}
         else:
             tree_type = _LAYER_TYPES[b.compression]
-            tree_ann = {mt.ANN_TITLE: TREE_TITLE}
+            tree_ann = {mt.ANN_TITLE: TREE_TITLE, mt.ANN_IMAGEVOL_ROOT: "true"}
         desc, diff_id = b.tar_layer(tree, tree_type)
         layers.append(Descriptor(tree_type, desc.digest, desc.size, annotations=tree_ann))
         diff_ids.append(diff_id)

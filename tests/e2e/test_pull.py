@@ -437,7 +437,8 @@ def test_resume_after_sigkill(big: Artifact, px: Proxy, cli: Cli, tmp_path: Path
     sent_second = px.bytes_for(digest) - sent_first
     remainder = size - sent_first
     print(
-        f"resume: {sent_first / MiB:.0f} MiB before the kill, {sent_second / MiB:.0f} MiB after ({remainder / MiB:.0f} left)"
+        f"resume: {sent_first / MiB:.0f} MiB before the kill, {sent_second / MiB:.0f} MiB after "
+        f"({remainder / MiB:.0f} left)"
     )
     assert sent_second < remainder + part, (
         f"second pull downloaded {sent_second / MiB:.1f} MiB; {remainder / MiB:.1f} MiB were left after "
