@@ -227,8 +227,17 @@ def resolve_subpath(snapshot: Path, subpath: str, *, artifact: bool, ref: str) -
 # trees (hardlink and copy modes)
 
 
-def _replicate(src_fd: int, dst_fd: int, how: str, as_root: bool) -> None:
-    """Recreate the content of directory ``src_fd`` in the empty directory ``dst_fd``."""
+def _replicate(
+    src_fd: int,
+    dst_fd: int,
+    how: str,
+    as_root: bool,
+    dst_path: str = "",
+    seen: dict[tuple[int, int], str] | None = None,
+) -> None:
+    """Recreate the content of directory ``src_fd`` in the empty directory ``dst_fd`` (whose path is
+    ``dst_path``). Copies keep hard links: a file with several names is copied once, then linked."""
+    seen = {} if seen is None else seen
     for name in sorted(os.listdir(src_fd)):
         st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
         mode = stat.S_IMODE(st.st_mode)
@@ -237,7 +246,7 @@ def _replicate(src_fd: int, dst_fd: int, how: str, as_root: bool) -> None:
             sfd = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
             dfd = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
             try:
-                _replicate(sfd, dfd, how, as_root)
+                _replicate(sfd, dfd, how, as_root, os.path.join(dst_path, name) if dst_path else "", seen)
                 if as_root:
                     os.fchown(dfd, st.st_uid, st.st_gid)
                 os.fchmod(dfd, mode & ~0o222)
@@ -252,6 +261,12 @@ def _replicate(src_fd: int, dst_fd: int, how: str, as_root: bool) -> None:
         elif how == "hardlink":
             os.link(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
         elif stat.S_ISREG(st.st_mode):
+            first = seen.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 and dst_path else None
+            if first is not None:
+                os.link(first, name, dst_dir_fd=dst_fd, follow_symlinks=False)
+                continue
+            if st.st_nlink > 1 and dst_path:
+                seen[(st.st_dev, st.st_ino)] = os.path.join(dst_path, name)
             sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
             try:
                 dfd = os.open(name, _NEW_FILE, 0o600, dir_fd=dst_fd)
@@ -296,7 +311,7 @@ def _fill(source: Path, target: Path, how: str, is_dir: bool) -> None:
         try:
             dfd = os.open(target, _DIR_FLAGS)
             try:
-                _replicate(sfd, dfd, how, os.geteuid() == 0)
+                _replicate(sfd, dfd, how, os.geteuid() == 0, os.fspath(target))
                 os.fchmod(dfd, stat.S_IMODE(os.fstat(sfd).st_mode) & ~0o222)
             finally:
                 os.close(dfd)
