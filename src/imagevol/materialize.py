@@ -87,10 +87,11 @@ from .errors import (
     UnsafeContentError,
     UsageError,
 )
+from .fsutil import fsync_dir as _fsync_dir
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Manifest, parse_config
 from .manifest import flavour as manifest_flavour
 from .store import Store
-from .unpack.applier import ApplyOptions, apply_layer
+from .unpack.applier import ApplyOptions, apply_layer, clean_path
 from .unpack.compression import open_decompressed
 
 __all__ = [
@@ -267,14 +268,6 @@ def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | N
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------------------------------
 # File-system helpers (shared with imagevol.volume)
 
@@ -427,20 +420,6 @@ def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
     if not out and not normalize:
         raise UnsafeContentError(f"{what}: path {path!r} names the volume root itself")
     return out
-
-
-def _clean_entry(name: str) -> list[str]:
-    """Lexical cleaning of a tar entry name, like the applier's."""
-    parts: list[str] = []
-    for c in name.split("/"):
-        if c in ("", "."):
-            continue
-        if c == "..":
-            if parts:
-                parts.pop()
-            continue
-        parts.append(c)
-    return parts
 
 
 def _octal(field_: bytes) -> int | None:
@@ -661,7 +640,7 @@ class _Builder:
                 tarfile.open(fileobj=open_decompressed(f, compression), mode="r|") as tf,
             ):
                 for i, member in enumerate(tf):
-                    parts = _clean_entry(member.name)
+                    parts = clean_path(member.name)
                     if parts:
                         return True, parts
                     if i >= 64:

@@ -22,6 +22,7 @@ from typing import Any
 from .. import mediatypes as mt
 from ..digest import Digest, digest_bytes
 from ..errors import DigestMismatchError, ManifestError, UsageError
+from ..fsutil import fsync_dir as _fsync_dir
 from ..manifest import Descriptor
 from ..reference import LayoutReference
 from . import Blob, PushStats
@@ -30,14 +31,6 @@ __all__ = ["LayoutSink"]
 
 CHUNK = 1 << 20
 LAYOUT_VERSION = "1.0.0"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LayoutSink:

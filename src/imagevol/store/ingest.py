@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ..digest import Digest, Verifier
 from ..errors import DigestMismatchError, StoreError
+from ..fsutil import fsync_dir as _fsync_dir
 from .locks import FileLock
 
 if TYPE_CHECKING:
@@ -69,14 +70,6 @@ def missing_ranges(size: int, completed: Iterable[Range], part_size: int) -> lis
         for s in range(start, end, part_size):
             out.append((s, min(s + part_size, end)))
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Ingest:

@@ -410,7 +410,7 @@ class _TarReader:
 # Paths
 
 
-def _clean(name: str) -> list[str]:
+def clean_path(name: str) -> list[str]:
     """Lexical cleaning: components without '', '.', and '..' clamped at the root."""
     parts: list[str] = []
     for c in name.split("/"):
@@ -435,7 +435,7 @@ def _child_key(parent: str, name: str) -> str:
 def _check_name(name: str, what: str) -> list[str]:
     if "\0" in name:
         raise UnsafeContentError(f"layer entry {name!r}: {what} contains a NUL byte")
-    parts = _clean(name)
+    parts = clean_path(name)
     for c in parts:
         if len(os.fsencode(c)) > NAME_MAX:
             raise UnsafeContentError(
