@@ -15,7 +15,7 @@ from . import mediatypes as mt
 from .errors import ImagevolError, NoMatchError
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest, flavour, parse_config
 from .platform import Platform
-from .select import MAX_DEPTH, Selection, Selector, platforms_in
+from .select import MAX_DEPTH, IndexStep, Selection, Selector, platforms_in
 from .sources.base import Source
 
 RUNTIMES = ("imagevol", "crio", "containerd")
@@ -157,6 +157,7 @@ class Outcome:
     hint: str | None = None
     exit_code: int = 0
     notes: list[str] = field(default_factory=list)
+    steps: list[IndexStep] = field(default_factory=list)  # the trace when nothing was selected
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +171,7 @@ class Outcome:
             "hint": self.hint,
             "exitCode": self.exit_code,
             "notes": self.notes,
+            "steps": [st.to_dict() for st in self.steps] if self.selection is None else None,
         }
 
 
@@ -204,7 +206,8 @@ def predict(
     try:
         sel = Selector(source, node, policy=sel_policy, semantics=runtime).select(*resolved)
     except NoMatchError as e:
-        return Outcome(runtime, node, policy, False, "no match", error=e.message, hint=e.hint, exit_code=3)
+        steps = e.trace if isinstance(e.trace, list) else []
+        return Outcome(runtime, node, policy, False, "no match", error=e.message, hint=e.hint, exit_code=3, steps=steps)
     except ImagevolError as e:
         return Outcome(runtime, node, policy, False, "error", error=e.message, hint=e.hint, exit_code=e.exit_code)
     m = sel.manifest
@@ -292,8 +295,8 @@ def render_explain(ref: str, result: dict[str, Any], *, verbose: bool = False) -
                 lines.append(f"  {' ' * width}  {' ' * 8}  hint: {o.hint}")
             for note in o.notes:
                 lines.append(f"  {' ' * width}  {' ' * 8}  note: {note}")
-            if verbose and o.selection is not None:
-                for st in o.selection.steps:
+            if verbose:
+                for st in o.selection.steps if o.selection is not None else o.steps:
                     lines.append(f"  {' ' * width}    index {st.digest[:19]}: {st.reason}")
                     for e in st.entries:
                         lines.append(

@@ -213,6 +213,13 @@ class Selector:
                 note = ""
                 if d.platform.os == "unknown" and d.platform.architecture == "unknown":
                     note = "unknown/unknown is not a wildcard (often an attestation manifest)"
+                else:
+                    matchers = self._cmatchers if self.semantics == "containerd" else self._crio
+                    same = [m for m in matchers if m.accepted() and m.accepted()[0].architecture
+                            == d.platform.architecture]
+                    if same:
+                        ok = ", ".join(dict.fromkeys(_fmt(p) for p in same[0].accepted()))
+                        note = f"the node accepts only {ok}"
                 step.entries.append(EntryVerdict(pos, d, "no-match", note=note))
                 continue
             v = EntryVerdict(pos, d, "match", r)

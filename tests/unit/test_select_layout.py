@@ -103,3 +103,14 @@ def test_digest_of_child_used_as_is(layout) -> None:
     sel = select_manifest(src2, parse_platform_list("linux/amd64"))
     assert sel.how == "direct"
     assert sel.descriptor.digest == child.digest
+
+
+def test_no_match_trace_in_explain(layout) -> None:
+    """explain keeps the per-entry verdicts when nothing matches, with what the node accepts."""
+    source = LayoutSource(parse_any(f"oci:{layout}:four-platform"))
+    out = predict(source, source.resolve(), parse_platform_list("linux/arm/v6"), "imagevol", "native")
+    assert not out.mounts and out.steps
+    verdicts = {e.platform: e for e in out.steps[0].entries}
+    assert all(e.verdict == "no-match" for e in verdicts.values())
+    assert "linux/arm/v6" in verdicts["linux/arm/v7"].note
+    assert out.to_dict()["steps"][0]["entries"][2]["note"] == verdicts["linux/arm/v7"].note
