@@ -66,10 +66,12 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,17 +460,39 @@ def _tar_base(parts: list[str], first: list[str]) -> list[str]:
 
 
 class _Tee:
-    """A read-only stream that hashes what passes through it."""
+    """A read-only stream that hashes what passes through it. The hashing runs in a thread of its
+    own (hashlib releases the GIL on large buffers), so on two cores it overlaps decompression and
+    writing instead of adding to them; small reads are batched, and at most a few MiB wait."""
+
+    BATCH = 256 << 10
 
     def __init__(self, f: BinaryIO, hasher: Any | None) -> None:
         self._f = f
         self._h = hasher
         self.size = 0
+        self._buf = bytearray()
+        self._q: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        if hasher is not None:
+            self._q = queue.Queue(maxsize=8)
+            self._thread = threading.Thread(target=self._run, name="imagevol-diffid", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._q is not None
+        while (item := self._q.get()) is not None:
+            self._h.update(item)
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
-        if data and self._h is not None:
-            self._h.update(data)
+        if data and self._q is not None:
+            if len(data) >= self.BATCH and not self._buf:
+                self._q.put(data)
+            else:
+                self._buf += data
+                if len(self._buf) >= self.BATCH:
+                    self._q.put(bytes(self._buf))
+                    self._buf.clear()
         self.size += len(data)
         return data
 
@@ -476,8 +500,19 @@ class _Tee:
         while self.read(CHUNK):
             pass
 
+    def close(self) -> None:
+        """Stop the hashing thread (idempotent); called on every path out of the layer."""
+        if self._thread is not None and self._q is not None:
+            if self._buf:
+                self._q.put(bytes(self._buf))
+                self._buf.clear()
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+
     def hexdigest(self) -> str:
         assert self._h is not None
+        self.close()
         return self._h.hexdigest()
 
 
@@ -612,11 +647,13 @@ class _Builder:
             tee = _Tee(data, expect.hasher() if expect is not None else None)
             try:
                 apply_layer(f"/proc/self/fd/{dir_fd}", tee, compression="none", options=options, warn=self.warn)
+                tee.drain()
             except UnsafeContentError as e:
                 raise UnsafeContentError(f"{what}: {e.message}", e.hint) from None
             except ContentRefusedError as e:
                 raise type(e)(f"{what}: {e.message}", e.hint) from None
-            tee.drain()
+            finally:
+                tee.close()
         if expect is not None:
             got = f"{expect.algorithm}:{tee.hexdigest()}"
             if got != expect:
