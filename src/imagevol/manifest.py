@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from . import mediatypes as mt
 from .digest import Digest, digest_bytes
 from .errors import InvalidDigestError, InvalidPlatformError, ManifestError
+from .jsonutil import loads as json_loads
 from .platform import Platform
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
@@ -210,7 +210,7 @@ def parse_manifest(
     if ctype in mt.SCHEMA1_TYPES:
         raise _schema1(w)
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{w} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -343,7 +343,7 @@ def parse_config(raw: bytes, where: str = "config") -> ImageConfig:
     if len(raw) > MAX_CONFIG_SIZE:
         raise ManifestError(f"{where} is {len(raw)} bytes, over the {MAX_CONFIG_SIZE} byte limit")
     try:
-        doc = json.loads(raw)
+        doc = json_loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise ManifestError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):

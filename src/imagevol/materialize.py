@@ -90,6 +90,7 @@ from .errors import (
     UsageError,
 )
 from .fsutil import fsync_dir as _fsync_dir
+from .jsonutil import loads as json_loads
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Manifest, parse_config
 from .manifest import flavour as manifest_flavour
 from .store import Store
@@ -403,6 +404,10 @@ def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
         raise UnsafeContentError(f"{what}: empty path")
     if "\0" in path:
         raise UnsafeContentError(f"{what}: path {path!r} contains a NUL byte")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        raise UnsafeContentError(f"{what}: path {path!r} is not valid Unicode (a lone surrogate)") from None
     if path.startswith("/"):
         raise UnsafeContentError(f"{what}: path {path!r} is absolute", hint="paths must be relative to the volume")
     parts = path.split("/")
@@ -777,7 +782,7 @@ class _Builder:
         if not raw:
             return None
         try:
-            meta = json.loads(raw)
+            meta = json_loads(raw)
             mode = meta.get("mode") if isinstance(meta, dict) else None
         except ValueError:
             mode = None
@@ -822,7 +827,7 @@ class _Builder:
 
     def _kitfile(self) -> dict[str, Any]:
         try:
-            doc = json.loads(self.store.read_blob(self.m.config.digest, MAX_CONFIG_SIZE))
+            doc = json_loads(self.store.read_blob(self.m.config.digest, MAX_CONFIG_SIZE))
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"ModelKit config {self.m.config.digest.short} is not valid JSON: {e}") from None
         if not isinstance(doc, dict):

@@ -14,12 +14,12 @@ Semantics ("how a runtime ranks index entries"):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import mediatypes as mt
-from .errors import ImagevolError, NoMatchError
+from .errors import ImagevolError, ManifestError, NoMatchError
+from .jsonutil import loads as json_loads
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest
 from .platform import ContainerdMatcher, CrioMatcher, Platform, normalize
 from .sources.base import Source
@@ -158,7 +158,7 @@ class Selector:
             if not isinstance(doc, Manifest):
                 return None
             raw = self.source.blob_bytes(doc.config, MAX_CONFIG_SIZE)
-            cfg = json.loads(raw)
+            cfg = json_loads(raw)
         except (ImagevolError, ValueError):
             return None
         if not isinstance(cfg, dict):
@@ -255,12 +255,12 @@ class Selector:
         self, desc: Descriptor, index: Index, steps: list[IndexStep], depth: int, seen: set[str]
     ) -> tuple[Descriptor, Manifest, str, Platform | None, list[str]] | None:
         if depth >= self.max_depth:
-            raise NoMatchError(
+            raise ManifestError(
                 f"index nesting deeper than {self.max_depth} levels at {desc.digest}",
                 hint="nested indexes this deep are refused",
             )
         if str(desc.digest) in seen:
-            raise NoMatchError(f"index cycle: {desc.digest} contains itself", hint="the index is malformed")
+            raise ManifestError(f"index cycle: {desc.digest} contains itself", hint="the index is malformed")
         seen = seen | {str(desc.digest)}
         step = IndexStep(str(desc.digest), index.media_type)
         steps.append(step)

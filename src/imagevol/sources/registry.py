@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import ipaddress
-import json
 import logging
 import random
 import re
@@ -38,6 +37,7 @@ from ..errors import (
     RegistryError,
     TransportError,
 )
+from ..jsonutil import loads as json_loads
 from ..manifest import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Descriptor, Index, Manifest, parse_manifest
 from ..reference import Reference
 
@@ -111,7 +111,7 @@ def _retry_after(value: str | None) -> float | None:
 def oci_error_text(body: bytes) -> str | None:
     """`CODE: message (detail)` lines from a distribution error body, if it is one."""
     try:
-        doc = json.loads(body[:65536])
+        doc = json_loads(body[:65536])
     except (ValueError, UnicodeDecodeError):
         return None
     errs = doc.get("errors") if isinstance(doc, dict) else None
@@ -338,7 +338,7 @@ class Transport:
 
     def _store_token(self, host: str, scope: str, data: bytes) -> str:
         try:
-            doc = json.loads(data)
+            doc = json_loads(data)
             token = doc.get("token") or doc.get("access_token")
         except (ValueError, AttributeError):
             token = None

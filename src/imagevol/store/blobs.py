@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import stat
 import threading
@@ -28,6 +27,7 @@ from typing import BinaryIO
 
 from ..digest import ALGORITHMS, Digest, Verifier, is_digest
 from ..errors import DigestMismatchError, InvalidDigestError, NotFoundError, StoreError
+from ..jsonutil import loads as json_loads
 from .ingest import READ_CHUNK, Ingest, _fsync_dir, remove_ingest_dir
 from .locks import FileLock, named_lock
 from .meta import Meta
@@ -275,7 +275,7 @@ def _json_children(store: Store, digest: Digest) -> list[Digest]:
         with store.open_blob(digest) as f:
             if f.read(64).lstrip()[:1] != b"{":
                 return []  # not JSON: a layer, not worth reading whole
-        doc = json.loads(store.read_blob(digest, MAX_MANIFEST_BYTES))
+        doc = json_loads(store.read_blob(digest, MAX_MANIFEST_BYTES))
     except (NotFoundError, StoreError, ValueError, UnicodeDecodeError):
         return []
     if not isinstance(doc, dict):

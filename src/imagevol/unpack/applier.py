@@ -701,8 +701,9 @@ class _Applier:
                 continue
             try:
                 os.setxattr(fd, key, value)
-            except OSError as ex:
-                self.warn(f"{e.name}: extended attribute {key!r} not applied: {ex.strerror}")
+            except (OSError, ValueError) as ex:  # ValueError: a NUL inside the name
+                why = ex.strerror if isinstance(ex, OSError) else str(ex)
+                self.warn(f"{e.name}: extended attribute {key!r} not applied: {why}")
 
     def _fd_metadata(self, fd: int, e: _Entry, is_dir: bool) -> int:
         if self._owner_ok(e):
