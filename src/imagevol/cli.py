@@ -105,6 +105,19 @@ def make_options(kw: dict[str, Any]) -> Any:
     )
 
 
+def parse_size(text: str) -> int:
+    """`500G`, `2TiB`, `1048576`: bytes (K/M/G/T powers of 1024, an optional `iB` or `B`)."""
+    import re
+
+    from .errors import UsageError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"invalid size {text!r}", hint="write e.g. 500G, 2TiB or a number of bytes")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * (1024**power))
+
+
 def parse_nodes(values: tuple[str, ...], default: list[str] | None = None) -> list[list[Any]]:
     from .platform import host_platform, parse_platform_list
 
@@ -407,12 +420,16 @@ def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
               help="auto: a read-only bind mount as root, else a read-only hard-link tree.")
 @click.option("--name-untitled", type=click.Choice(["skip", "digest"]), default="skip", show_default=True,
               help="Artifact layers without a title: skip them (as CRI-O) or name them by digest.")
+@click.option("--max-ratio", type=click.FloatRange(min=0), default=250.0, show_default=True,
+              help="Refuse a layer that expands more than this many times (decompression bomb); 0: no limit.")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="Refuse a layer that expands to more than SIZE (e.g. 500G, 2TiB, bytes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @registry_options
 @click.pass_context
 @handle_errors
 def mount_cmd(ctx: click.Context, ref: str, target: str, subpath: str | None, mode: str, name_untitled: str,
-              as_json: bool, **kw: Any) -> None:
+              max_ratio: float, max_size: str | None, as_json: bool, **kw: Any) -> None:
     """Mount REF read-only at TARGET: resolve for this node, pull what is missing, materialize once,
     then a nosuid,nodev read-only bind mount (as root) or a read-only hard-link tree."""
     from .mount import mount
@@ -422,6 +439,7 @@ def mount_cmd(ctx: click.Context, ref: str, target: str, subpath: str | None, mo
     args = dict(root=ctx.obj["root"], platforms=[p for n in nodes for p in n], policy=kw.pop("platform_policy"),
                 pull_policy=kw.pop("pull_policy"), concurrency=kw.pop("concurrency"),
                 part_size=kw.pop("part_size") << 20, subpath=subpath, mode=mode, name_untitled=name_untitled,
+                max_ratio=max_ratio or None, max_size=parse_size(max_size) if max_size else None,
                 warn=lambda m: click.echo(f"warning: {m}", err=True))
     options = make_options(kw)
     if prog is not None and hasattr(prog, "__enter__"):

@@ -114,6 +114,7 @@ INFO_PREFIX = ".info-"
 UNTITLED_POLICIES = ("skip", "digest")
 NAME_MAX = 255
 CHUNK = 1 << 20
+PROBE_LIMIT = 16 << 20
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -676,10 +677,16 @@ class _Builder:
             return False, []
         if not looks_like_tar(head):
             return False, []
+        # The probe inflates at most PROBE_LIMIT bytes (a huge first member must not be inflated
+        # just to find the next header); the extraction itself runs under the configured limits.
+        limit = PROBE_LIMIT if self.artifact_opts.max_size is None else min(PROBE_LIMIT, self.artifact_opts.max_size)
         try:
             with (
                 self.store.open_blob(layer.digest) as f,
-                tarfile.open(fileobj=open_decompressed(f, compression), mode="r|") as tf,
+                tarfile.open(
+                    fileobj=open_decompressed(f, compression, max_ratio=self.artifact_opts.max_ratio, max_size=limit),
+                    mode="r|",
+                ) as tf,
             ):
                 for i, member in enumerate(tf):
                     parts = clean_path(member.name)

@@ -19,6 +19,7 @@ from .reference import LayoutReference, Reference
 from .sources.registry import RegistryOptions
 from .store import GcResult, Store
 from .store import gc as store_gc
+from .unpack.applier import DEFAULT_MAX_RATIO, ApplyOptions
 from .volume import Volume, create_volume, list_volumes, reconcile, remove_volume
 
 
@@ -62,6 +63,8 @@ def mount(
     subpath: str | None = None,
     mode: str = "auto",
     name_untitled: str = "skip",
+    max_ratio: float | None = DEFAULT_MAX_RATIO,
+    max_size: int | None = None,
     options: RegistryOptions | None = None,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
@@ -70,7 +73,8 @@ def mount(
     """Mount `ref` read-only at `target` (bind mount as root, else a read-only hard-link tree).
 
     Content is pulled per `pull_policy`, materialized once into a snapshot shared by every volume of
-    the same manifest, and held by a lease until :func:`unmount`.
+    the same manifest, and held by a lease until :func:`unmount`. `max_ratio` / `max_size` bound how
+    far a compressed layer may expand (decompression bombs); None lifts a limit.
     """
     t0 = time.monotonic()
     store = root if isinstance(root, Store) else Store(root)
@@ -88,7 +92,9 @@ def mount(
     lease = f"mount:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
     try:
-        snap = materialize(store, res.manifest, options=MaterializeOptions(name_untitled=name_untitled), warn=_warn)
+        apply = ApplyOptions(max_ratio=max_ratio, max_size=max_size)
+        snap = materialize(store, res.manifest, options=MaterializeOptions(name_untitled=name_untitled, apply=apply),
+                           warn=_warn)
         vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath)
     finally:
         store.meta.remove_lease(lease)

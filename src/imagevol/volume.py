@@ -227,6 +227,11 @@ def resolve_subpath(snapshot: Path, subpath: str, *, artifact: bool, ref: str) -
 # trees (hardlink and copy modes)
 
 
+# Hard-link and copy volumes live outside any nosuid mount: setuid/setgid files are copied
+# without those bits instead of linked (the snapshot under the 0700 store root keeps them).
+_SETID = stat.S_ISUID | stat.S_ISGID
+
+
 def _replicate(
     src_fd: int,
     dst_fd: int,
@@ -258,7 +263,7 @@ def _replicate(
             os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
             if as_root:
                 os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
-        elif how == "hardlink":
+        elif how == "hardlink" and not (st.st_mode & _SETID):
             os.link(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
         elif stat.S_ISREG(st.st_mode):
             first = seen.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 and dst_path else None
@@ -274,7 +279,7 @@ def _replicate(
                     copy_fd(sfd, dfd)
                     if as_root:
                         os.fchown(dfd, st.st_uid, st.st_gid)
-                    os.fchmod(dfd, mode & ~0o222)
+                    os.fchmod(dfd, mode & ~0o222 & ~_SETID)  # outside a nosuid mount: no setuid
                     os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 finally:
                     os.close(dfd)
@@ -286,16 +291,16 @@ def _replicate(
 
 
 def _copy_file(src: Path, dst: Path, how: str) -> None:
-    if how == "hardlink":
+    st = os.stat(src, follow_symlinks=False)
+    if how == "hardlink" and not (st.st_mode & _SETID):
         os.link(src, dst, follow_symlinks=False)
         return
-    st = os.stat(src, follow_symlinks=False)
     sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         dfd = os.open(dst, _NEW_FILE, 0o600)
         try:
             copy_fd(sfd, dfd)
-            os.fchmod(dfd, stat.S_IMODE(st.st_mode) & ~0o222)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode) & ~0o222 & ~_SETID)
         finally:
             os.close(dfd)
     finally:

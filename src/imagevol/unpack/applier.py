@@ -94,6 +94,9 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
+DEFAULT_MAX_RATIO = 250.0
+
+
 @dataclass
 class ApplyOptions:
     """Policies of :func:`apply_layer`.
@@ -102,7 +105,9 @@ class ApplyOptions:
     devices: character/block devices and FIFOs: 'skip' (with a warning), 'refuse' or 'create'.
     duplicates: a path written twice by one layer: 'last' wins, or 'refuse' the layer.
     setuid: 'keep' setuid/setgid bits on non-directories, or 'strip' them.
-    max_ratio / max_size: decompression-bomb limits (see :func:`..compression.open_decompressed`).
+    max_ratio / max_size: decompression-bomb limits (see :func:`..compression.open_decompressed`);
+        by default a layer may expand at most :data:`DEFAULT_MAX_RATIO` times (real layers: 1-10x;
+        gzip of zeros: ~1000x), with no size cap. None lifts a limit.
     whiteouts: apply OCI whiteouts (image layers); False for artifact tar layers, where a whiteout
         name is refused as unsafe.
     xattrs: apply SCHILY.xattr.user.* and trusted.* (default: when running as root);
@@ -113,7 +118,7 @@ class ApplyOptions:
     devices: str = "skip"
     duplicates: str = "last"
     setuid: str = "keep"
-    max_ratio: float | None = None
+    max_ratio: float | None = DEFAULT_MAX_RATIO
     max_size: int | None = None
     whiteouts: bool = True
     xattrs: bool = field(default_factory=_is_root)

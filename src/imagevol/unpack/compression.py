@@ -191,14 +191,15 @@ class _Limited(io.RawIOBase):
         if self._max_size is not None and self.produced > self._max_size:
             raise ContentRefusedError(
                 f"layer decompresses to more than max_size={self._max_size} bytes",
-                hint="raise the limit (max_size, in bytes) or set it to None if the content is trusted",
+                hint="raise the limit (`imagevol mount --max-size`, max_size in the API) if the content is trusted",
             )
         ratio_limit = None if self._max_ratio is None else self._max_ratio * self._src.consumed + RATIO_GRACE
         if ratio_limit is not None and self.produced > ratio_limit:
             raise ContentRefusedError(
                 f"layer decompression ratio exceeds max_ratio={self._max_ratio:g} "
                 f"({self.produced} bytes out of {self._src.consumed} compressed bytes so far)",
-                hint="raise the limit (max_ratio) or set it to None if the content is trusted",
+                hint="raise the limit (`imagevol mount --max-ratio`, 0 for none; max_ratio in the API) "
+                "if the content is trusted",
             )
         return n
 
