@@ -263,10 +263,18 @@ def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | N
                     if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                         freed += st.st_blocks * 512
             if not dry_run:
-                force_rmtree(path)
+                # Out of sight first (record, info, name), then delete: a kill mid-delete leaves a
+                # `.build-*` leftover the next materialize sweeps, never a partial snapshot in use.
+                store.meta.remove_snapshot(key)
                 with contextlib.suppress(FileNotFoundError):
                     _info_path(snaps, key).unlink()
-                store.meta.remove_snapshot(key)
+                doomed = snaps / f"{BUILD_PREFIX}{key}-gc{os.urandom(4).hex()}"
+                try:
+                    os.rename(path, doomed)
+                except FileNotFoundError:
+                    return freed
+                _fsync_dir(snaps)
+                force_rmtree(doomed)
             return freed
     except StoreError:
         return None

@@ -85,19 +85,22 @@ def mount(
         if warn is not None:
             warn(msg)
 
-    res = pull(ref, root=store, platforms=platforms, policy=policy, pull_policy=pull_policy, options=options,
-               progress=progress, **pull_kwargs)
-    for w in res.warnings:
-        _warn(w)
-    lease = f"mount:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
-    try:
-        apply = ApplyOptions(max_ratio=max_ratio, max_size=max_size)
-        snap = materialize(store, res.manifest, options=MaterializeOptions(name_untitled=name_untitled, apply=apply),
-                           warn=_warn)
-        vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath)
-    finally:
-        store.meta.remove_lease(lease)
+    # gc waits while a mount is under way (it takes this lock exclusively), so content found in the
+    # store by the pull cannot vanish before the volume's own lease holds it.
+    with store.lock("gc", shared=True):
+        res = pull(ref, root=store, platforms=platforms, policy=policy, pull_policy=pull_policy, options=options,
+                   progress=progress, **pull_kwargs)
+        for w in res.warnings:
+            _warn(w)
+        lease = f"mount:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
+        try:
+            apply = ApplyOptions(max_ratio=max_ratio, max_size=max_size)
+            options_m = MaterializeOptions(name_untitled=name_untitled, apply=apply)
+            snap = materialize(store, res.manifest, options=options_m, warn=_warn)
+            vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath)
+        finally:
+            store.meta.remove_lease(lease)
     return MountResult(vol, res, snap, time.monotonic() - t0, warnings)
 
 

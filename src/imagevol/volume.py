@@ -45,6 +45,7 @@ from .digest import Digest
 from .errors import ImagevolError, NotFoundError, StoreError, UsageError
 from .materialize import Snapshot, copy_fd, force_rmtree
 from .store import Store, VolumeRecord
+from .store.meta import pid_alive
 
 __all__ = [
     "MODES",
@@ -143,8 +144,59 @@ def mountpoints() -> set[str]:
     return out
 
 
+# The new mount API (Linux >= 5.12; the same syscall numbers on every architecture): a detached
+# clone of the source, made read-only,nosuid,nodev, then attached. The target never shows a
+# writable mount, not even for an instant, and a kill leaves either no mount or a read-only one.
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_OPEN_TREE_CLONE, _AT_EMPTY_PATH, _AT_FDCWD = 1, 0x1000, -100
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _bind_ro_atomic(src: str, tgt: str) -> bool:
+    """Attach a read-only clone of `src` at `tgt` in one step; False when the kernel lacks the API."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(src), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    if fd < 0:
+        e = ctypes.get_errno()
+        if e in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+            return False
+        raise OSError(e, os.strerror(e), src)
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, 0, 0, 0)
+        if libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
+            e = ctypes.get_errno()
+            if e in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                return False
+            raise OSError(e, os.strerror(e), src)
+        if libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(tgt), _MOVE_MOUNT_F_EMPTY_PATH) < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), tgt)
+        return True
+    finally:
+        os.close(fd)
+
+
 def _bind(source: Path, target: Path) -> None:
     src, tgt = os.fspath(source), os.fspath(target)
+    try:
+        if _bind_ro_atomic(src, tgt):
+            return
+    except OSError as e:
+        raise ImagevolError(
+            f"cannot bind-mount the volume at {tgt}: {e.strerror}",
+            hint="bind mounts need root (CAP_SYS_ADMIN); use --mode hardlink or --mode copy otherwise",
+        ) from None
     try:
         _mount(src, tgt, MS_BIND)
     except OSError as e:
@@ -500,6 +552,9 @@ def create_volume(
         meta = store.meta
         mounts = mountpoints()
         rec = meta.get_volume_by_target(os.fspath(tgt))
+        if rec is not None and _abandoned(store, rec, mounts):
+            _undo_abandoned(store, rec)  # a killed earlier attempt at this target
+            rec, mounts = None, mountpoints()
         if rec is not None:
             existing = _volume(store, rec, mounts)
             same = (
@@ -518,26 +573,21 @@ def create_volume(
                 )
             _forget(store, rec)  # stale record: its mount or tree is gone
         created, orig_mode = _prepare_target(tgt, source_is_dir=source_is_dir, mode=how, mounts=mounts)
+        # Record first, then mount: a kill in between leaves a record without a mount (`volumes`
+        # shows it gone; `unmount` or `volumes --prune` clears it), never a mount nobody knows.
+        volume_id = secrets.token_hex(8)
+        side = {"subpath": sub, "created_target": created, "target_mode": orig_mode, "is_dir": source_is_dir}
         try:
+            # "mounting" until done: a record left so by a killed process (whose pid is gone) is
+            # dropped by the next listing instead of showing up as a half-made volume.
+            _write_sidecar(store, volume_id, {**side, "state": "mounting", "pid": os.getpid()})
+            rec = meta.add_volume(volume_id, os.fspath(tgt), ref, snapshot.digest, snapshot.key, how)
+            meta.add_lease(f"volume:{volume_id}", [snapshot.digest], kind="volume")
             if how == "bind":
                 _bind(source, tgt)
             else:
                 _fill(source, tgt, how, source_is_dir)
-        except BaseException:
-            if how != "bind":
-                _undo_target(tgt, created=created, orig_mode=orig_mode, is_dir=source_is_dir)
-            elif created:
-                _remove_created(tgt, source_is_dir)
-            raise
-        volume_id = secrets.token_hex(8)
-        try:
-            _write_sidecar(
-                store,
-                volume_id,
-                {"subpath": sub, "created_target": created, "target_mode": orig_mode, "is_dir": source_is_dir},
-            )
-            rec = meta.add_volume(volume_id, os.fspath(tgt), ref, snapshot.digest, snapshot.key, how)
-            meta.add_lease(f"volume:{volume_id}", [snapshot.digest], kind="volume")
+            _write_sidecar(store, volume_id, {**side, "state": "ready"})
         except BaseException:
             with contextlib.suppress(Exception):
                 meta.remove_volume(volume_id)
@@ -617,11 +667,47 @@ def remove_volume(store: Store, target: str | os.PathLike[str]) -> Volume:
         )
 
 
+def _abandoned(store: Store, rec: VolumeRecord, mounts: set[str]) -> bool:
+    """A volume whose creating process died before it was mounted (or filled)."""
+    side = _read_sidecar(store, rec.id)
+    if side.get("state") != "mounting":
+        return False
+    pid = side.get("pid")
+    return not (isinstance(pid, int) and pid_alive(pid))
+
+
 def list_volumes(store: Store) -> list[Volume]:
     """Every recorded volume; ``mounted`` from ``/proc/self/mountinfo`` (bind) or the target's
-    existence (hardlink, copy)."""
+    existence (hardlink, copy). Volumes whose creation was killed half-way are cleaned up here."""
     mounts = mountpoints()
-    return [_volume(store, rec, mounts) for rec in store.meta.list_volumes()]
+    out = []
+    for rec in store.meta.list_volumes():
+        if _abandoned(store, rec, mounts):
+            tgt = Path(rec.target)
+            with store.lock(_target_lock(tgt)):
+                current = store.meta.get_volume(rec.id)
+                if current is not None and _abandoned(store, current, mountpoints()):
+                    _undo_abandoned(store, current)
+                    continue
+        out.append(_volume(store, rec, mounts))
+    return out
+
+
+def _undo_abandoned(store: Store, rec: VolumeRecord) -> None:
+    side = _read_sidecar(store, rec.id)
+    path = Path(rec.target)
+    created = bool(side.get("created_target"))
+    is_dir = side.get("is_dir", True) is not False
+    with contextlib.suppress(OSError):
+        if rec.mode == "bind":
+            if rec.target in mountpoints():
+                _umount(rec.target)
+            if created:
+                _remove_created(path, is_dir)
+        elif os.path.lexists(path):
+            orig = side.get("target_mode") if isinstance(side.get("target_mode"), int) else None
+            _undo_target(path, created=created, orig_mode=orig, is_dir=is_dir)
+    _forget(store, rec)
 
 
 def reconcile(store: Store) -> list[Volume]:
