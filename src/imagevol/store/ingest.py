@@ -165,7 +165,7 @@ class Ingest:
                 hint="free space (imagevol gc) or use a store root on a larger filesystem",
             )
 
-    def _write_meta(self) -> None:
+    def _write_meta(self, *, durable: bool = True) -> None:
         meta = {
             "version": META_VERSION,
             "digest": str(self.digest),
@@ -178,7 +178,8 @@ class Ingest:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, json.dumps(meta, separators=(",", ":")).encode())
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         # The rename need not be durable: a lost rename leaves an older, smaller part map.
@@ -249,7 +250,8 @@ class Ingest:
     def mark_complete(self, start: int, end: int, *, sync: bool = True) -> None:
         """Record ``[start, end)`` as written: fdatasync the data, then persist the part map atomically.
 
-        ``sync=False`` skips the fdatasync for callers that just flushed the file themselves.
+        ``sync=False`` skips the fdatasync and the part map's own fsync: what a killed process wrote
+        survives in the page cache, and after a power loss verification catches any lost bytes.
         """
         fd = self._require_open()
         if not (0 <= start <= end <= self.size):
@@ -260,7 +262,7 @@ class Ingest:
             os.fdatasync(fd)
         with self._mu:
             self._ranges = merge_ranges([*self._ranges, (start, end)])
-            self._write_meta()
+            self._write_meta(durable=sync)
 
     # -- finishing ---------------------------------------------------------------------------------
     def _hash_file(self, fd: int) -> Verifier:
