@@ -1,0 +1,1 @@
+"""Helpers of the peer benchmark (bench/run.py)."""
