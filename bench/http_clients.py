@@ -32,8 +32,12 @@ def push(reg: Registry, path: Path) -> str:
     loc = r.headers["Location"]
     loc = loc if loc.startswith("http") else reg.url + loc
     with open(path, "rb") as f:
-        r = pm.request("PUT", loc + ("&" if "?" in loc else "?") + f"digest={digest}", body=f,
-                       headers={"Content-Length": str(path.stat().st_size)})
+        r = pm.request(
+            "PUT",
+            loc + ("&" if "?" in loc else "?") + f"digest={digest}",
+            body=f,
+            headers={"Content-Length": str(path.stat().st_size)},
+        )
     assert r.status == 201, r.status
     return digest
 

@@ -32,8 +32,9 @@ def inspect(ref: str, **kwargs: Any) -> dict[str, Any]:
     return inspect_tree(open_source(ref, **kwargs))
 
 
-def explain(ref: str, nodes: list[list[Any]], *, runtimes: list[str] | None = None, policy: str = "native",
-            **kwargs: Any) -> dict[str, Any]:
+def explain(
+    ref: str, nodes: list[list[Any]], *, runtimes: list[str] | None = None, policy: str = "native", **kwargs: Any
+) -> dict[str, Any]:
     """What each runtime does with `ref` on each node (see :func:`imagevol.explain.explain`)."""
     from .explain import RUNTIMES
     from .explain import explain as _explain

@@ -254,18 +254,50 @@ def _progress_for(mode: str) -> Any:
 
 def pull_options(fn: F) -> F:
     opts = [
-        click.option("--platform", "platforms", multiple=True, metavar="P[,P...]",
-                     help="The node's platform preference list (default: this host)."),
-        click.option("--platform-policy", type=click.Choice(["native", "any"]), default="native",
-                     show_default=True, help="native: runtime matching; any: if nothing matches, the first entry."),
-        click.option("--pull", "pull_policy", type=click.Choice(["always", "missing", "never"]), default="missing",
-                     show_default=True, help="As Kubernetes' pullPolicy: Always / IfNotPresent / Never."),
-        click.option("--concurrency", type=click.IntRange(min=1, max=64), default=4, show_default=True,
-                     help="Blobs fetched at once."),
-        click.option("--part-size", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="MiB per ranged part of a large blob."),
-        click.option("--progress", "progress_mode", type=click.Choice(["auto", "bars", "json", "none"]),
-                     default="auto", show_default=True, help="Progress on stderr."),
+        click.option(
+            "--platform",
+            "platforms",
+            multiple=True,
+            metavar="P[,P...]",
+            help="The node's platform preference list (default: this host).",
+        ),
+        click.option(
+            "--platform-policy",
+            type=click.Choice(["native", "any"]),
+            default="native",
+            show_default=True,
+            help="native: runtime matching; any: if nothing matches, the first entry.",
+        ),
+        click.option(
+            "--pull",
+            "pull_policy",
+            type=click.Choice(["always", "missing", "never"]),
+            default="missing",
+            show_default=True,
+            help="As Kubernetes' pullPolicy: Always / IfNotPresent / Never.",
+        ),
+        click.option(
+            "--concurrency",
+            type=click.IntRange(min=1, max=64),
+            default=4,
+            show_default=True,
+            help="Blobs fetched at once.",
+        ),
+        click.option(
+            "--part-size",
+            type=click.IntRange(min=1),
+            default=64,
+            show_default=True,
+            help="MiB per ranged part of a large blob.",
+        ),
+        click.option(
+            "--progress",
+            "progress_mode",
+            type=click.Choice(["auto", "bars", "json", "none"]),
+            default="auto",
+            show_default=True,
+            help="Progress on stderr.",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -279,9 +311,15 @@ def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
     node = [p for n in nodes for p in n]
     options = make_options(kw)
     prog = _progress_for(kw.pop("progress_mode"))
-    args = dict(root=ctx.obj["root"], platforms=node, policy=kw.pop("platform_policy"),
-                pull_policy=kw.pop("pull_policy"), options=options, concurrency=kw.pop("concurrency"),
-                part_size=kw.pop("part_size") << 20)
+    args = dict(
+        root=ctx.obj["root"],
+        platforms=node,
+        policy=kw.pop("platform_policy"),
+        pull_policy=kw.pop("pull_policy"),
+        options=options,
+        concurrency=kw.pop("concurrency"),
+        part_size=kw.pop("part_size") << 20,
+    )
     if prog is not None and hasattr(prog, "__enter__"):
         with prog:
             return pull(ref, progress=prog, **args)
@@ -291,8 +329,12 @@ def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
 @main.command("pull")
 @click.argument("ref")
 @pull_options
-@click.option("--output", default=None, metavar="oci:DIR[:TAG]",
-              help="Also write the chosen manifest and its blobs to an OCI layout (skopeo and umoci read it).")
+@click.option(
+    "--output",
+    default=None,
+    metavar="oci:DIR[:TAG]",
+    help="Also write the chosen manifest and its blobs to an OCI layout (skopeo and umoci read it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @registry_options
 @click.pass_context
@@ -331,9 +373,22 @@ def images(ctx: click.Context, as_json: bool) -> None:
     store = Store(ctx.obj["root"])
     refs = store.meta.list_refs() if store.root.exists() else []
     if as_json:
-        click.echo(json.dumps([{"reference": r.ref, "digest": str(r.digest), "mediaType": r.media_type,
-                                "platform": r.platform, "source": r.source, "pulledAt": r.pulled_at}
-                               for r in refs], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "reference": r.ref,
+                        "digest": str(r.digest),
+                        "mediaType": r.media_type,
+                        "platform": r.platform,
+                        "source": r.source,
+                        "pulledAt": r.pulled_at,
+                    }
+                    for r in refs
+                ],
+                indent=2,
+            )
+        )
         return
     for r in refs:
         click.echo(f"{r.ref}  {r.digest}  {r.platform or ''}")
@@ -357,8 +412,10 @@ def rm(ctx: click.Context, ref: str) -> None:
         raise NotFoundError(f"{key} is not in the store", hint="`imagevol images` lists what is")
     users = [v for v in store.meta.list_volumes() if v.ref == key]
     if users:
-        raise ImagevolError(f"{key} is in use by {len(users)} volume(s): " + ", ".join(v.target for v in users),
-                            hint="unmount them first (`imagevol unmount TARGET`)")
+        raise ImagevolError(
+            f"{key} is in use by {len(users)} volume(s): " + ", ".join(v.target for v in users),
+            hint="unmount them first (`imagevol unmount TARGET`)",
+        )
     store.meta.remove_ref(key)
     click.echo(f"removed {key}")
 
@@ -375,13 +432,24 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     res = run_gc(root=ctx.obj["root"], dry_run=dry_run)
     freed = res.bytes_freed + res.ingest_bytes_freed
     if as_json:
-        click.echo(json.dumps({"removed": [str(d) for d in res.removed], "removedSnapshots": res.removed_snapshots,
-                               "removedIngests": res.removed_ingests, "bytesFreed": freed,
-                               "dryRun": dry_run}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "removed": [str(d) for d in res.removed],
+                    "removedSnapshots": res.removed_snapshots,
+                    "removedIngests": res.removed_ingests,
+                    "bytesFreed": freed,
+                    "dryRun": dry_run,
+                },
+                indent=2,
+            )
+        )
     else:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), "
-                   f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s): "
-                   f"{freed} bytes")
+        click.echo(
+            f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), "
+            f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s): "
+            f"{freed} bytes"
+        )
 
 
 @main.command()
@@ -416,31 +484,69 @@ def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
 @click.argument("target", type=click.Path(file_okay=True))
 @pull_options
 @click.option("--subpath", default=None, help="Mount only this path inside the volume (for artifacts, a title prefix).")
-@click.option("--mode", type=click.Choice(["auto", "bind", "hardlink", "copy"]), default="auto", show_default=True,
-              help="auto: a read-only bind mount as root, else a read-only hard-link tree.")
-@click.option("--name-untitled", type=click.Choice(["skip", "digest"]), default="skip", show_default=True,
-              help="Artifact layers without a title: skip them (as CRI-O) or name them by digest.")
-@click.option("--max-ratio", type=click.FloatRange(min=0), default=250.0, show_default=True,
-              help="Refuse a layer that expands more than this many times (decompression bomb); 0: no limit.")
-@click.option("--max-size", default=None, metavar="SIZE",
-              help="Refuse a layer that expands to more than SIZE (e.g. 500G, 2TiB, bytes).")
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "bind", "hardlink", "copy"]),
+    default="auto",
+    show_default=True,
+    help="auto: a read-only bind mount as root, else a read-only hard-link tree.",
+)
+@click.option(
+    "--name-untitled",
+    type=click.Choice(["skip", "digest"]),
+    default="skip",
+    show_default=True,
+    help="Artifact layers without a title: skip them (as CRI-O) or name them by digest.",
+)
+@click.option(
+    "--max-ratio",
+    type=click.FloatRange(min=0),
+    default=250.0,
+    show_default=True,
+    help="Refuse a layer that expands more than this many times (decompression bomb); 0: no limit.",
+)
+@click.option(
+    "--max-size",
+    default=None,
+    metavar="SIZE",
+    help="Refuse a layer that expands to more than SIZE (e.g. 500G, 2TiB, bytes).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @registry_options
 @click.pass_context
 @handle_errors
-def mount_cmd(ctx: click.Context, ref: str, target: str, subpath: str | None, mode: str, name_untitled: str,
-              max_ratio: float, max_size: str | None, as_json: bool, **kw: Any) -> None:
+def mount_cmd(
+    ctx: click.Context,
+    ref: str,
+    target: str,
+    subpath: str | None,
+    mode: str,
+    name_untitled: str,
+    max_ratio: float,
+    max_size: str | None,
+    as_json: bool,
+    **kw: Any,
+) -> None:
     """Mount REF read-only at TARGET: resolve for this node, pull what is missing, materialize once,
     then a nosuid,nodev read-only bind mount (as root) or a read-only hard-link tree."""
     from .mount import mount
 
     nodes = parse_nodes(kw.pop("platforms"))
     prog = _progress_for(kw.pop("progress_mode"))
-    args = dict(root=ctx.obj["root"], platforms=[p for n in nodes for p in n], policy=kw.pop("platform_policy"),
-                pull_policy=kw.pop("pull_policy"), concurrency=kw.pop("concurrency"),
-                part_size=kw.pop("part_size") << 20, subpath=subpath, mode=mode, name_untitled=name_untitled,
-                max_ratio=max_ratio or None, max_size=parse_size(max_size) if max_size else None,
-                warn=lambda m: click.echo(f"warning: {m}", err=True))
+    args = dict(
+        root=ctx.obj["root"],
+        platforms=[p for n in nodes for p in n],
+        policy=kw.pop("platform_policy"),
+        pull_policy=kw.pop("pull_policy"),
+        concurrency=kw.pop("concurrency"),
+        part_size=kw.pop("part_size") << 20,
+        subpath=subpath,
+        mode=mode,
+        name_untitled=name_untitled,
+        max_ratio=max_ratio or None,
+        max_size=parse_size(max_size) if max_size else None,
+        warn=lambda m: click.echo(f"warning: {m}", err=True),
+    )
     options = make_options(kw)
     if prog is not None and hasattr(prog, "__enter__"):
         with prog:
@@ -477,9 +583,24 @@ def volumes_cmd(ctx: click.Context, as_json: bool, prune: bool) -> None:
 
     vols = volumes(root=ctx.obj["root"], reconcile_stale=prune)
     if as_json:
-        click.echo(json.dumps([{"id": v.id, "target": str(v.target), "reference": v.ref, "digest": str(v.digest),
-                                "mode": v.mode, "subpath": v.subpath, "mounted": v.mounted,
-                                "createdAt": v.created_at} for v in vols], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "id": v.id,
+                        "target": str(v.target),
+                        "reference": v.ref,
+                        "digest": str(v.digest),
+                        "mode": v.mode,
+                        "subpath": v.subpath,
+                        "mounted": v.mounted,
+                        "createdAt": v.created_at,
+                    }
+                    for v in vols
+                ],
+                indent=2,
+            )
+        )
         return
     for v in vols:
         state = "mounted" if v.mounted else "GONE (run `imagevol volumes --prune`)"

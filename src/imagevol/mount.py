@@ -1,6 +1,6 @@
 """Mount: pull (or find) the manifest for this node, materialize it once, expose it read-only.
 
-    imagevol.mount("registry.example.com/models/llama:v1", "/mnt/llama", root="/var/lib/imagevol")
+imagevol.mount("registry.example.com/models/llama:v1", "/mnt/llama", root="/var/lib/imagevol")
 """
 
 from __future__ import annotations
@@ -88,8 +88,16 @@ def mount(
     # gc waits while a mount is under way (it takes this lock exclusively), so content found in the
     # store by the pull cannot vanish before the volume's own lease holds it.
     with store.lock("gc", shared=True):
-        res = pull(ref, root=store, platforms=platforms, policy=policy, pull_policy=pull_policy, options=options,
-                   progress=progress, **pull_kwargs)
+        res = pull(
+            ref,
+            root=store,
+            platforms=platforms,
+            policy=policy,
+            pull_policy=pull_policy,
+            options=options,
+            progress=progress,
+            **pull_kwargs,
+        )
         for w in res.warnings:
             _warn(w)
         lease = f"mount:{os.getpid()}:{uuid.uuid4().hex[:8]}"

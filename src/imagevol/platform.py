@@ -101,9 +101,7 @@ class Platform:
             if value is None:
                 return ""
             if not isinstance(value, str):
-                raise InvalidPlatformError(
-                    f"platform field {key!r} must be a string, got {type(value).__name__}"
-                )
+                raise InvalidPlatformError(f"platform field {key!r} must be a string, got {type(value).__name__}")
             return value
 
         raw_features = d.get("os.features")
@@ -167,8 +165,7 @@ def _decode_os_option(value: str, spec: str, what: str) -> str:
             pair = value[i + 1 : i + 3]
             if len(pair) != 2 or not set(pair) <= _HEX:
                 raise InvalidPlatformError(
-                    f"invalid platform {spec!r}: {what} {value!r} has a bad percent-escape "
-                    f"{value[i : i + 3]!r}",
+                    f"invalid platform {spec!r}: {what} {value!r} has a bad percent-escape {value[i : i + 3]!r}",
                     hint="escape '%' as %25, '+' as %2B, '(' as %28, ')' as %29, '/' as %2F",
                 )
             out.append(int(pair, 16))
@@ -282,9 +279,7 @@ def parse_platform(spec: str) -> Platform:
     if not spec:
         raise InvalidPlatformError("empty platform", hint=_FORMAT_HINT)
     if "*" in spec:
-        raise InvalidPlatformError(
-            f"invalid platform {spec!r}: wildcards are not supported", hint=_FORMAT_HINT
-        )
+        raise InvalidPlatformError(f"invalid platform {spec!r}: wildcards are not supported", hint=_FORMAT_HINT)
 
     parts = spec.split("/", 3)
     m = _OS_RE.fullmatch(parts[0])
@@ -669,9 +664,7 @@ class _ExactMatcher:
             # windowsStripFeaturesMatcher: win32k is implied on Windows hosts.
             i = features.index("win32k")
             features = features[:i] + features[i + 1 :]
-        n = normalize(
-            Platform(candidate.os, candidate.architecture, candidate.variant, candidate.os_version, features)
-        )
+        n = normalize(Platform(candidate.os, candidate.architecture, candidate.variant, candidate.os_version, features))
         want = self.platform
         if (n.os, n.architecture, n.variant) != (want.os, want.architecture, want.variant):
             return False

@@ -414,8 +414,9 @@ def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Man
         chain.append(child.digest)
     m = sel.manifest
     store.put_bytes(m.raw, sel.descriptor.digest)
-    store.meta.set_children(sel.descriptor.digest, [d.digest for d in _needed(m)] + (
-        [m.config.digest] if m.config.data is not None else []))
+    store.meta.set_children(
+        sel.descriptor.digest, [d.digest for d in _needed(m)] + ([m.config.digest] if m.config.data is not None else [])
+    )
 
 
 def _offline(store: Store, ref: Reference | LayoutReference) -> StoreSource | None:
@@ -468,9 +469,18 @@ def pull(
                 if _complete(store, sel):
                     if progress:
                         progress(ProgressEvent("resolved", str(sel.descriptor.digest), message="in store"))
-                    return PullResult(key, sel.root.digest, sel.descriptor.digest, sel.manifest, sel,
-                                      src.describe(), reused=sel.manifest.total_size, offline=True,
-                                      seconds=time.monotonic() - t0, warnings=sel.warnings)
+                    return PullResult(
+                        key,
+                        sel.root.digest,
+                        sel.descriptor.digest,
+                        sel.manifest,
+                        sel,
+                        src.describe(),
+                        reused=sel.manifest.total_size,
+                        offline=True,
+                        seconds=time.monotonic() - t0,
+                        warnings=sel.warnings,
+                    )
             except NotFoundError:
                 pass  # e.g. another platform's manifest was never fetched: go to the source
         if pull_policy == "never":
@@ -486,27 +496,50 @@ def pull(
         key = ref_key(chosen_ref)
     sel = select_manifest(source, node, policy=policy, resolved=resolved)
     if progress:
-        progress(ProgressEvent("resolved", str(sel.descriptor.digest), size=sel.manifest.total_size,
-                               message=source.describe()))
+        progress(
+            ProgressEvent(
+                "resolved", str(sel.descriptor.digest), size=sel.manifest.total_size, message=source.describe()
+            )
+        )
     lease = f"pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    fetcher = _Fetcher(store, source, concurrency=concurrency, part_size=part_size,
-                       parts_per_blob=parts_per_blob, progress=progress,
-                       retries=options.retries if options is not None else 5)
+    fetcher = _Fetcher(
+        store,
+        source,
+        concurrency=concurrency,
+        part_size=part_size,
+        parts_per_blob=parts_per_blob,
+        progress=progress,
+        retries=options.retries if options is not None else 5,
+    )
     with store.lock("gc", shared=True):
         store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
         try:
             _store_manifests(store, source, sel, resolved[1])
             fetcher.fetch_all(_needed(sel.manifest))
-            store.meta.set_ref(key, sel.root.digest, media_type=resolved[1].media_type,
-                               platform=str(sel.platform) if sel.platform else None, source=source.describe())
+            store.meta.set_ref(
+                key,
+                sel.root.digest,
+                media_type=resolved[1].media_type,
+                platform=str(sel.platform) if sel.platform else None,
+                source=source.describe(),
+            )
         finally:
             store.meta.remove_lease(lease)
     if progress:
         progress(ProgressEvent("done", str(sel.descriptor.digest)))
-    return PullResult(key, sel.root.digest, sel.descriptor.digest, sel.manifest, sel, source.describe(),
-                      downloaded=fetcher.downloaded, reused=fetcher.reused, blobs=len(_needed(sel.manifest)),
-                      seconds=time.monotonic() - t0, warnings=sel.warnings)
-
+    return PullResult(
+        key,
+        sel.root.digest,
+        sel.descriptor.digest,
+        sel.manifest,
+        sel,
+        source.describe(),
+        downloaded=fetcher.downloaded,
+        reused=fetcher.reused,
+        blobs=len(_needed(sel.manifest)),
+        seconds=time.monotonic() - t0,
+        warnings=sel.warnings,
+    )
 
 
 def export_layout(store: Store, result: PullResult, dest: str | LayoutReference) -> Descriptor:

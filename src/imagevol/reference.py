@@ -49,9 +49,7 @@ DOCKER_PREFIX = "docker://"
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _LAYOUT_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
-_DOMAIN_NAME = re.compile(
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-)
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 _IPV6_HOST = re.compile(r"\[([A-Fa-f0-9:]+)\]")
 _IMAGE_ID = re.compile(r"[a-f0-9]{64}")
 _DIGESTISH = re.compile(r"([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([A-Za-z0-9=_-]+)")
@@ -68,8 +66,7 @@ _OTHER_TRANSPORTS = (
 
 _TAG_RULE = "tags are up to 128 chars of [A-Za-z0-9_.-] not starting with . or -"
 _COMPONENT_RULE = (
-    "path components are lowercase letters and digits, joined by '.', '_', '__' or dashes "
-    "(not at the start or end)"
+    "path components are lowercase letters and digits, joined by '.', '_', '__' or dashes (not at the start or end)"
 )
 _DIGEST_HINT = "a digest is sha256: followed by 64, or sha512: followed by 128, lowercase hex digits"
 

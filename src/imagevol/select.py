@@ -215,8 +215,9 @@ class Selector:
                     note = "unknown/unknown is not a wildcard (often an attestation manifest)"
                 else:
                     matchers = self._cmatchers if self.semantics == "containerd" else self._crio
-                    same = [m for m in matchers if m.accepted() and m.accepted()[0].architecture
-                            == d.platform.architecture]
+                    same = [
+                        m for m in matchers if m.accepted() and m.accepted()[0].architecture == d.platform.architecture
+                    ]
                     if same:
                         ok = ", ".join(dict.fromkeys(_fmt(p) for p in same[0].accepted()))
                         note = f"the node accepts only {ok}"

@@ -125,9 +125,7 @@ def test_token_flow_challenge_token_retry(token_registry, token_server, unique_r
     assert claims["sub"] == "alice"
     assert claims["access"] == [{"type": "repository", "name": unique_repo, "actions": ["pull"]}]
     assert {"exp", "nbf", "iat", "jti"} <= set(claims)
-    ok = pool.request(
-        "GET", url, headers={**accept, "Authorization": f"Bearer {body['token']}"}, retries=False
-    )
+    ok = pool.request("GET", url, headers={**accept, "Authorization": f"Bearer {body['token']}"}, retries=False)
     assert ok.status == 200
     assert ok.headers["Docker-Content-Digest"] == oci.sha256_digest(ok.data)
     assert token_server.issued == 1
@@ -226,9 +224,7 @@ def test_token_oauth2_post_and_refresh(token_registry, token_server, unique_repo
             retries=False,
         )
         assert ok.status == 200
-    bad = pool.request_encode_body(
-        "POST", token_server.realm, fields={**form, "password": "x"}, encode_multipart=False
-    )
+    bad = pool.request_encode_body("POST", token_server.realm, fields={**form, "password": "x"}, encode_multipart=False)
     assert bad.status == 401
 
 

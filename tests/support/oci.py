@@ -76,9 +76,7 @@ class Client:
             creds = next(iter(reg.users.items())) if getattr(reg, "auth", None) and reg.users else None
         self.creds: tuple[str, str] | None = tuple(creds) if creds else None
         ca = getattr(reg, "ca_file", None)
-        self.pool = (
-            urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=str(ca)) if ca else urllib3.PoolManager()
-        )
+        self.pool = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=str(ca)) if ca else urllib3.PoolManager()
         self.tokens: dict[str, str] = {}
         self.last_challenge: dict[str, str] | None = None
 
@@ -139,9 +137,7 @@ class Client:
         hdrs = dict(headers)
         if token:
             hdrs["Authorization"] = f"Bearer {token}"
-        return self.pool.request(
-            method, url, body=body, headers=hdrs, timeout=TIMEOUT, retries=False, redirect=False
-        )
+        return self.pool.request(method, url, body=body, headers=hdrs, timeout=TIMEOUT, retries=False, redirect=False)
 
     # ---- API
 

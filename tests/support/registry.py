@@ -190,9 +190,7 @@ def issue_cert(
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     cert = builder.sign(ca.key, hashes.SHA256())
     return _write_pair(key, cert, Path(directory), name)
 
@@ -350,9 +348,7 @@ class Registry:
             config["auth"] = {"htpasswd": {"realm": "imagevol-test", "path": str(self.htpasswd_file)}}
         elif self.auth == "token":
             assert self.ca is not None
-            signer = issue_cert(
-                self.ca, certs, "token-signer", common_name="token signer", server=False, rsa_key=True
-            )
+            signer = issue_cert(self.ca, certs, "token-signer", common_name="token signer", server=False, rsa_key=True)
             self.token_server = TokenServer(
                 users=self.users,
                 service=self.service,
@@ -418,8 +414,7 @@ class Registry:
         while True:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RegistryStartError(
-                    f"registry on {self.host} exited with {self._proc.returncode}; "
-                    f"log tail:\n{self.log_tail()}"
+                    f"registry on {self.host} exited with {self._proc.returncode}; log tail:\n{self.log_tail()}"
                 )
             try:
                 r = pool.request(
@@ -435,8 +430,7 @@ class Registry:
                 last = repr(e)
             if time.monotonic() > deadline:
                 raise RegistryStartError(
-                    f"registry on {self.host} not ready after {timeout:.0f}s ({last}); log tail:\n"
-                    f"{self.log_tail()}"
+                    f"registry on {self.host} not ready after {timeout:.0f}s ({last}); log tail:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
 

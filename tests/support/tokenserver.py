@@ -273,9 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True, user
         return False, user
 
-    def _finish(
-        self, ok: bool, user: str | None, service: str | None, scopes: list[str], offline: bool
-    ) -> None:
+    def _finish(self, ok: bool, user: str | None, service: str | None, scopes: list[str], offline: bool) -> None:
         ts = self.token_server
         entry = {"method": "GET", "user": user, "ok": ok, "service": service, "scopes": scopes}
         with ts._lock:

@@ -245,9 +245,7 @@ def test_endpoint_flags(tmp_path: Path) -> None:
     config = conf(tmp_path, MIRROR_CONF)
     endpoints = [e for e, _ in pull_endpoints(config, "docker.io/library/ubuntu", by_digest=False)]
     assert endpoints[1] == Endpoint("tag.local", insecure=True, pull_from_mirror="tag-only", is_mirror=True)
-    assert endpoints[-1] == Endpoint(
-        "registry-1.docker.io", insecure=False, pull_from_mirror="all", is_mirror=False
-    )
+    assert endpoints[-1] == Endpoint("registry-1.docker.io", insecure=False, pull_from_mirror="all", is_mirror=False)
     assert all(e.is_mirror for e in endpoints[:-1])
     legacy = pull_endpoints(config, "legacy.io/m", by_digest=True)
     assert legacy[0][0].pull_from_mirror == "digest-only"
@@ -255,9 +253,7 @@ def test_endpoint_flags(tmp_path: Path) -> None:
 
 
 def test_unconfigured_registry_is_its_own_endpoint() -> None:
-    assert pull_endpoints(RegistryConfig(), "quay.io/ns/m", by_digest=True) == [
-        (Endpoint("quay.io"), "quay.io/ns/m")
-    ]
+    assert pull_endpoints(RegistryConfig(), "quay.io/ns/m", by_digest=True) == [(Endpoint("quay.io"), "quay.io/ns/m")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,9 +333,7 @@ def test_missing_default_file_is_empty_config(home: Path) -> None:
     assert config.short_name_mode is None and config.sources == []
 
 
-def test_missing_explicit_file_is_an_error(
-    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_missing_explicit_file_is_an_error(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match=r"nope\.conf"):
         load_registries_conf(str(tmp_path / "nope.conf"))
     monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(tmp_path / "env-nope.conf"))
@@ -438,9 +432,7 @@ def test_dropins_override_in_name_order(tmp_path: Path) -> None:
 
 
 def test_search_registries_copy_and_normalization(tmp_path: Path) -> None:
-    config = conf(
-        tmp_path, 'unqualified-search-registries = ["docker.io/", "localhost:5000", "[::1]:5000"]\n'
-    )
+    config = conf(tmp_path, 'unqualified-search-registries = ["docker.io/", "localhost:5000", "[::1]:5000"]\n')
     got = search_registries(config)
     assert got == ["docker.io", "localhost:5000", "[::1]:5000"]
     got.append("x")
@@ -502,8 +494,7 @@ def test_bad_dropin_names_dropin(tmp_path: Path) -> None:
             "registry[0].mirror[0].location",
         ),
         (
-            '[[registry]]\nlocation = "a.io"\n'
-            '[[registry.mirror]]\nlocation = "m"\npull-from-mirror = "some"\n',
+            '[[registry]]\nlocation = "a.io"\n[[registry.mirror]]\nlocation = "m"\npull-from-mirror = "some"\n',
             "registry[0].mirror[0].pull-from-mirror",
         ),
         (
@@ -512,13 +503,11 @@ def test_bad_dropin_names_dropin(tmp_path: Path) -> None:
             "registry[0].mirror[0].pull-from-mirror",
         ),
         (
-            '[[registry]]\nlocation = "a.io"\ninsecure = true\n'
-            '[[registry]]\nprefix = "b.io"\nlocation = "a.io"\n',
+            '[[registry]]\nlocation = "a.io"\ninsecure = true\n[[registry]]\nprefix = "b.io"\nlocation = "a.io"\n',
             "registry[1].insecure",
         ),
         (
-            '[[registry]]\nlocation = "a.io"\n'
-            '[[registry]]\nprefix = "c.io"\nlocation = "a.io"\nblocked = true\n',
+            '[[registry]]\nlocation = "a.io"\n[[registry]]\nprefix = "c.io"\nlocation = "a.io"\nblocked = true\n',
             "registry[1].blocked",
         ),
         ('[registry]\nlocation = "a.io"\n', "registry"),

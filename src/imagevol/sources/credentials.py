@@ -145,8 +145,7 @@ def _validate_query(registry: str, repository: str | None) -> None:
         parts = repository.split("/")
         if any(not p for p in parts) or "@" in repository or ":" in repository:
             raise UsageError(
-                f"invalid repository {repository!r} for a credential lookup: expected a path "
-                "without tag or digest"
+                f"invalid repository {repository!r} for a credential lookup: expected a path without tag or digest"
             )
 
 
@@ -202,9 +201,7 @@ def _decode_entry(path: Path, key: str, entry: Any) -> Credential | None:
         try:
             decoded = base64.b64decode(auth, validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
-            raise UsageError(
-                f"auth file {path}: auths[{key!r}].auth is not base64 of UTF-8 `user:password`"
-            ) from None
+            raise UsageError(f"auth file {path}: auths[{key!r}].auth is not base64 of UTF-8 `user:password`") from None
         if ":" in decoded:
             username, password = decoded.split(":", 1)
             password = password.strip("\x00")
@@ -258,8 +255,7 @@ def _run_helper(helper: str, server_url: str, *, source: str, required: bool) ->
             return None
         first = text.splitlines()[0][:200] if text else "(no message)"
         raise AuthError(
-            f"credential helper {program} (from {source}) failed for {server_url} "
-            f"(exit {proc.returncode}): {first}",
+            f"credential helper {program} (from {source}) failed for {server_url} (exit {proc.returncode}): {first}",
             hint=f"check {program} itself, or its entry in {source}",
         )
     try:
@@ -309,9 +305,7 @@ def _find_in_file(entry: _AuthFile, registry: str, repository: str | None) -> Cr
     if helper_key is None:
         helper_key = next((k for k in helpers if normalize_auth_key(k) == wanted), None)
     if helper_key is not None:
-        return _ask_helper(
-            helpers[helper_key], registry, path=path, key=f"credHelpers[{helper_key!r}]", required=True
-        )
+        return _ask_helper(helpers[helper_key], registry, path=path, key=f"credHelpers[{helper_key!r}]", required=True)
 
     for key in _lookup_keys(registry, repository, entry.legacy):
         if key in auths:

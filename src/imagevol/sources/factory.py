@@ -103,10 +103,10 @@ def open_source(
         from .regconf import load_registries_conf
 
         config = load_registries_conf(options.registries_conf)
-        name = ref[len("docker://"):] if ref.startswith("docker://") else ref
+        name = ref[len("docker://") :] if ref.startswith("docker://") else ref
         alias = config.aliases.get(name.split("@")[0].split(":")[0])
         if alias:
-            r = parse_reference(alias + name[len(name.split("@")[0].split(":")[0]):])
+            r = parse_reference(alias + name[len(name.split("@")[0].split(":")[0]) :])
         elif config.unqualified_search_registries:
             cands = [parse_reference(f"{reg}/{name}") for reg in config.unqualified_search_registries]
             return SearchSource(name, [_registry_source(c, options, transport) for c in cands])

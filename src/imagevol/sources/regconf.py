@@ -170,9 +170,7 @@ def _unknown_keys(table: dict[str, Any], known: set[str], path: Path, where: str
 def _check_location(value: str, path: Path, key: str, *, allow_wildcard: bool = False) -> str:
     trimmed = value.rstrip("/")
     if trimmed.startswith(("http://", "https://")):
-        raise _err(
-            path, key, f"{value!r}: URI schemes are not supported", hint="write host[:port][/path] only"
-        )
+        raise _err(path, key, f"{value!r}: URI schemes are not supported", hint="write host[:port][/path] only")
     if allow_wildcard and trimmed.startswith("*"):
         if not _WILDCARD.fullmatch(trimmed):
             raise _err(
@@ -244,9 +242,7 @@ def _parse_registry(table: Any, path: Path, index: int) -> Registry:
     blocked = _opt(table, "blocked", bool, False, path, where)
     by_digest_only = _opt(table, "mirror-by-digest-only", bool, False, path, where)
     raw_mirrors = _opt(table, "mirror", list, [], path, where)
-    mirrors = tuple(
-        _parse_mirror(m, path, f"{where}mirror[{j}].", by_digest_only) for j, m in enumerate(raw_mirrors)
-    )
+    mirrors = tuple(_parse_mirror(m, path, f"{where}mirror[{j}].", by_digest_only) for j, m in enumerate(raw_mirrors))
     return Registry(
         prefix=prefix,
         location=location,
@@ -281,9 +277,7 @@ def _parse_file(path: Path) -> _FileConf:
         raise UsageError(f"{path}: invalid TOML: {exc}") from None
 
     if "registries" in data:
-        raise _err(
-            path, "registries", "this is the v1 registries.conf format, which is not supported", _V1_HINT
-        )
+        raise _err(path, "registries", "this is the v1 registries.conf format, which is not supported", _V1_HINT)
     _unknown_keys(data, _TOP_KEYS, path, "")
 
     raw_registries = _opt(data, "registry", list, [], path, "")
@@ -433,9 +427,7 @@ def find_registry(config: RegistryConfig, repository: str) -> Registry | None:
     """The ``[[registry]]`` with the longest prefix matching `repository` (``host[:port]/path``)."""
     best: Registry | None = None
     for reg in config.registries:
-        if match_prefix(reg.prefix, repository) != -1 and (
-            best is None or len(reg.prefix) > len(best.prefix)
-        ):
+        if match_prefix(reg.prefix, repository) != -1 and (best is None or len(reg.prefix) > len(best.prefix)):
             best = reg
     return best
 

@@ -636,10 +636,14 @@ class RegistrySource:
         assert last is not None
         if isinstance(last, (DigestMismatchError, ManifestError)):
             raise last
-        raise type(last)(
-            f"{what}: every endpoint failed: " + "; ".join(failures),
-            hint="check the mirrors in registries.conf and that the registry is reachable",
-        ) if type(last) in (TransportError, NotFoundError) else last
+        raise (
+            type(last)(
+                f"{what}: every endpoint failed: " + "; ".join(failures),
+                hint="check the mirrors in registries.conf and that the registry is reachable",
+            )
+            if type(last) in (TransportError, NotFoundError)
+            else last
+        )
 
     def resolve(self) -> tuple[Descriptor, Manifest | Index]:
         reference = str(self.ref.digest) if self.ref.digest else (self.ref.tag or "latest")
