@@ -238,6 +238,13 @@ def explain(
         sys.exit(3)
 
 
+def progress_shown(prog: Any) -> Any:
+    """The progress display's context (bars start and stop), or a no-op for callbacks without one."""
+    import contextlib
+
+    return prog if prog is not None and hasattr(prog, "__enter__") else contextlib.nullcontext()
+
+
 def _progress_for(mode: str) -> Any:
     if mode == "auto":
         mode = "bars" if sys.stderr.isatty() else "none"
@@ -320,10 +327,8 @@ def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
         concurrency=kw.pop("concurrency"),
         part_size=kw.pop("part_size") << 20,
     )
-    if prog is not None and hasattr(prog, "__enter__"):
-        with prog:
-            return pull(ref, progress=prog, **args)
-    return pull(ref, progress=prog, **args)
+    with progress_shown(prog):
+        return pull(ref, progress=prog, **args)
 
 
 @main.command("pull")
@@ -548,10 +553,7 @@ def mount_cmd(
         warn=lambda m: click.echo(f"warning: {m}", err=True),
     )
     options = make_options(kw)
-    if prog is not None and hasattr(prog, "__enter__"):
-        with prog:
-            res = mount(ref, target, options=options, progress=prog, **args)
-    else:
+    with progress_shown(prog):
         res = mount(ref, target, options=options, progress=prog, **args)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))

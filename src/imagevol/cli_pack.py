@@ -136,7 +136,7 @@ def pack_cmd(
     Packing is deterministic: the same directory gives the same digests anywhere (sorted entries,
     fixed mtimes: 0 or SOURCE_DATE_EPOCH, owner 0). Blobs the registry has are skipped. Prints the
     digest, then which runtime mounts the result on linux/amd64, linux/arm64 and linux/arm/v7."""
-    from .cli import _progress_for
+    from .cli import _progress_for, progress_shown
     from .explain import DEFAULT_NODES, RUNTIMES, human_size, outcome_json, render_explain
     from .explain import explain as do_explain
     from .pack import pack
@@ -159,10 +159,7 @@ def pack_cmd(
         concurrency=concurrency,
         mount_from=mount_from,
     )
-    if prog is not None and hasattr(prog, "__enter__"):
-        with prog:
-            res = pack(directory, ref, progress=prog, **args)
-    else:
+    with progress_shown(prog):
         res = pack(directory, ref, progress=prog, **args)
 
     explained = None

@@ -27,7 +27,7 @@ import pytest
 
 from imagevol.store import Store
 from tests.support import oci
-from tests.support.clirun import Imagevol, mounts_under, sha256_file
+from tests.support.clirun import Imagevol, content_ok, mounts_under, sha256_file
 from tests.support.proxy import Proxy
 from tests.support.tars import E, push_image, tar_layer
 
@@ -75,14 +75,6 @@ def iv(tmp_path: Path) -> Iterator[Imagevol]:
     (tmp_path / "mnt").mkdir()
     yield c
     c.cleanup()
-
-
-def content_ok(path: Path, want: dict[str, bytes]) -> bool:
-    got = {}
-    for dirpath, _, filenames in os.walk(path):
-        for n in filenames:
-            got[os.path.relpath(os.path.join(dirpath, n), path)] = os.path.join(dirpath, n)
-    return set(got) == set(want) and all(Path(got[k]).read_bytes() == v for k, v in want.items())
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:

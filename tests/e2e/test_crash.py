@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import oci
-from tests.support.clirun import Imagevol, mount_options, mounts_under
+from tests.support.clirun import Imagevol, content_ok, mount_options, mounts_under
 from tests.support.proxy import Proxy
 from tests.support.tars import E, push_image, tar_layer
 
@@ -106,17 +106,6 @@ def iv(tmp_path: Path) -> Iterator[Imagevol]:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def content_ok(path: Path, want: dict[str, bytes]) -> bool:
-    got = {}
-    for dirpath, _, filenames in os.walk(path):
-        for n in filenames:
-            p = os.path.join(dirpath, n)
-            got[os.path.relpath(p, path)] = p
-    if set(got) != set(want):
-        return False
-    return all(Path(got[k]).read_bytes() == v for k, v in want.items())
 
 
 def after_kill(iv: Imagevol, top: Path, image: Image, *, allow_gone: bool = False) -> set[str]:

@@ -259,3 +259,13 @@ def make_sentinel(path: Path) -> Path:
     (path / "dir").mkdir()
     os.chmod(path / "etc", 0o755)
     return path
+
+
+def content_ok(path: Path, want: dict[str, bytes]) -> bool:
+    """The regular files under `path` are exactly `want` (relative path -> bytes)."""
+    got = {}
+    for dirpath, _, filenames in os.walk(path):
+        for n in filenames:
+            full = os.path.join(dirpath, n)
+            got[os.path.relpath(full, path)] = full
+    return set(got) == set(want) and all(Path(got[k]).read_bytes() == v for k, v in want.items())
