@@ -712,3 +712,25 @@ def test_dockerfile_builds_the_plugin_image() -> None:
     assert ignore[0] == "*"
     for source in copied:
         assert f"!{source}" in ignore or f"!{source}/" in ignore, f"{source} is excluded from the build context"
+
+
+# ---------------------------------------------------------------------------------------------
+# Docs
+
+
+def test_docs_name_what_the_manifests_use() -> None:
+    doc = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    spec = _daemonset()["spec"]["template"]["spec"]
+    for c in [*spec["initContainers"], *spec["containers"]]:
+        assert c["image"] in doc, f"docs/kubernetes.md does not name {c['image']}"
+        for p in c.get("ports", []):
+            assert str(p["containerPort"]) in doc, f"docs/kubernetes.md does not name port {p['containerPort']}"
+    plugin = _container(spec, "imagevol")
+    for m in plugin["volumeMounts"]:
+        if m.get("mountPropagation"):
+            assert m["mountPropagation"] in doc
+    assert "kubectl apply -k deploy/" in doc
+    for attr in VOLUME_ATTRIBUTES:
+        assert f"`{attr}`" in doc, f"docs/kubernetes.md does not describe the attribute {attr}"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "docs/kubernetes.md" in readme
