@@ -612,4 +612,4 @@ def volumes_cmd(ctx: click.Context, as_json: bool, prune: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-from . import cli_pack  # noqa: E402, F401  (registers `imagevol pack`)
+from . import cli_csi, cli_pack  # noqa: E402, F401  (register `imagevol csi` and `imagevol pack`)

@@ -187,7 +187,7 @@ def _string_map(path: Path, data: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _decode_entry(path: Path, key: str, entry: Any) -> Credential | None:
+def _decode_entry(path: str | Path, key: str, entry: Any) -> Credential | None:
     if not isinstance(entry, dict):
         raise UsageError(f"auth file {path}: auths[{key!r}] must be an object")
     auth = entry.get("auth") or ""
@@ -307,24 +307,33 @@ def _find_in_file(entry: _AuthFile, registry: str, repository: str | None) -> Cr
     if helper_key is not None:
         return _ask_helper(helpers[helper_key], registry, path=path, key=f"credHelpers[{helper_key!r}]", required=True)
 
-    for key in _lookup_keys(registry, repository, entry.legacy):
-        if key in auths:
-            cred = _decode_entry(path, key, auths[key])
-            if cred is not None:
-                log.debug("credentials for %s from %s (key %s)", registry, path, key)
-                return cred
-            break
-    else:
-        for key, value in auths.items():
-            if normalize_auth_key(key, legacy=entry.legacy) == wanted:
-                cred = _decode_entry(path, key, value)
-                if cred is not None:
-                    log.debug("credentials for %s from %s (key %s)", registry, path, key)
-                    return cred
-                break
-
+    cred = lookup_in_auths(auths, registry, repository, source=path, legacy=entry.legacy)
+    if cred is not None:
+        return cred
     if store is not None:
         return _ask_helper(store, registry, path=path, key="credsStore", required=False)
+    return None
+
+
+def lookup_in_auths(
+    auths: dict[str, Any], registry: str, repository: str | None = None, *, source: str | Path, legacy: bool = False
+) -> Credential | None:
+    """The credential for `registry` in an ``auths`` map (of an auth file, or of a Kubernetes
+    ``.dockerconfigjson`` secret; `source` names it in errors): the most specific key first, then any
+    key that normalizes to the registry. Credential helpers are not consulted here."""
+    wanted = normalize_registry(registry)
+    for key in _lookup_keys(registry, repository, legacy):
+        if key in auths:
+            cred = _decode_entry(source, key, auths[key])
+            if cred is not None:
+                log.debug("credentials for %s from %s (key %s)", registry, source, key)
+            return cred
+    for key, value in auths.items():
+        if normalize_auth_key(key, legacy=legacy) == wanted:
+            cred = _decode_entry(source, key, value)
+            if cred is not None:
+                log.debug("credentials for %s from %s (key %s)", registry, source, key)
+            return cred
     return None
 
 

@@ -1,0 +1,585 @@
+"""Publishing and unpublishing volumes for the CSI node service: background jobs, shared pulls,
+records that survive a restart.
+
+Deadlines. A NodePublishVolume call starts a job (or attaches to the one already running for the
+same volume id and target path) and waits for it at most until shortly before the caller's
+deadline. A job not done by then keeps running and the call ends with :class:`Pending` (gRPC
+ABORTED, "operation pending"); the caller's retry attaches to the same job, so a pull that outlives
+any one deadline is neither restarted nor duplicated. A finished job's failure is delivered once, to
+the call waiting for it or else to the next retry (within :data:`FAILED_RESULT_TTL`); the retry after
+that starts a new attempt. A successful job leaves a mounted volume, which answers every later
+retry at once.
+
+Shared pulls. Jobs pull through a table of pulls keyed by (reference, platforms, platform policy,
+pull policy, credentials): concurrent publishes of one image, whatever their volume ids, wait on
+one pull. The pull runs under the store's shared gc lock and ends by taking a lease (kind ``pull``,
+this process) on the chosen manifest, so gc cannot reclaim the content between the pull and the
+volumes made from it; the lease goes when the last job using the pull has made its volume (and
+with the process, if it dies).
+
+References. A reference the plugin pulled that was not in the store before is marked as the
+plugin's (``R/csi/refs/``): when its last volume is unpublished the plugin forgets the reference,
+so ``imagevol gc`` can reclaim the content. References pulled by hand (``imagevol pull``) stay.
+
+Records. Each published volume has the store's volume record (target, manifest, lease) and a small
+CSI record (``R/csi/volumes/<hash of target>.json``: volume id and attributes). On start the plugin
+reconciles records with the mount table: records of volumes whose mount is gone (a reboot) are
+dropped, half-made volumes of a killed plugin are undone, and the plugin's references with no
+volume left are forgotten. A publish retry for a target that is already mounted answers at once;
+unpublish works from the records, whichever process published.
+
+Unpublish during publish. A job still pulling is cancelled (it will not mount; the pull itself
+finishes for the store and its other users) and the call goes on at once; a job in its short
+mounting step is waited for, then its volume is unmounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImagevolError, NotFoundError, StoreError
+from ..materialize import MaterializeOptions, materialize
+from ..platform import Platform
+from ..pull import ProgressEvent, PullResult, pull
+from ..sources.registry import RegistryOptions
+from ..store import Store
+from ..unpack.applier import ApplyOptions
+from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume
+from .attrs import VolumeSpec, registry_credentials
+from .metrics import Metrics
+from .status import Cancelled, Conflict, Pending
+
+log = logging.getLogger("imagevol.csi")
+
+FAILED_RESULT_TTL = 300.0
+"""Seconds a failure nobody has been told about waits for the caller's retry."""
+MAX_CONCURRENT_PULLS = 4
+CSI_DIR = "csi"
+
+
+@dataclass
+class SharedPull:
+    """One pull, waited on by every job that needs it."""
+
+    key: tuple[Any, ...]
+    image: str
+    future: Future[PullResult] = field(default_factory=Future)
+    users: int = 0
+    lease: str | None = None
+    started: float = field(default_factory=time.monotonic)
+    total: int = 0
+    downloaded: int = 0
+
+    def progress_text(self) -> str:
+        mib = 1 << 20
+        secs = time.monotonic() - self.started
+        if self.total:
+            return f"{self.downloaded / mib:.1f} of {self.total / mib:.1f} MiB after {secs:.1f} s"
+        return f"resolving after {secs:.1f} s"
+
+
+@dataclass
+class Job:
+    """Publishing one volume at one target."""
+
+    volume_id: str
+    target: Path
+    spec: VolumeSpec
+    started: float = field(default_factory=time.monotonic)
+    future: Future[Volume] = field(default_factory=Future)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held while mounting
+    cancelled: bool = False
+    state: str = "queued"  # queued | pulling | mounting | done
+    pull: SharedPull | None = None
+    done_at: float | None = None
+
+    def describe(self) -> str:
+        if self.state == "pulling" and self.pull is not None:
+            return f"pulling {self.spec.image}: {self.pull.progress_text()}"
+        return f"{self.state} {self.spec.image} ({time.monotonic() - self.started:.1f} s)"
+
+
+@dataclass
+class PluginConfig:
+    """Settings of one plugin process."""
+
+    root: Path
+    node_id: str
+    driver_name: str = "csi.imagevol.io"
+    platforms: list[Platform] = field(default_factory=list)
+    options: RegistryOptions = field(default_factory=RegistryOptions)
+
+
+def canonical_target(target: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(target))))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(os.fsencode(text)).hexdigest()[:32]
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(doc, sort_keys=True))
+    os.rename(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class Publisher:
+    """The node service's state: jobs by (volume id, target), shared pulls, CSI records."""
+
+    def __init__(self, config: PluginConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.store = Store(config.root)
+        self.metrics = metrics or Metrics()
+        self._mu = threading.Lock()
+        self._jobs: dict[tuple[str, Path], Job] = {}
+        self._pulls: dict[tuple[Any, ...], SharedPull] = {}
+        self._pull_slots = threading.BoundedSemaphore(MAX_CONCURRENT_PULLS)
+        self._start_mu = threading.Lock()
+        self._started = False
+        self._closing = False
+
+    # ---- paths
+
+    @property
+    def _volumes_dir(self) -> Path:
+        return self.store.root / CSI_DIR / "volumes"
+
+    @property
+    def _refs_dir(self) -> Path:
+        return self.store.root / CSI_DIR / "refs"
+
+    def _record_path(self, target: Path) -> Path:
+        return self._volumes_dir / f"{_hash(os.fspath(target))}.json"
+
+    def _ref_marker(self, ref_key: str) -> Path:
+        return self._refs_dir / f"{_hash(ref_key)}.json"
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        """Make the store usable and reconcile the records with the mount table (idempotent)."""
+        with self._start_mu:
+            if not self._started:
+                self._start()
+
+    def _start(self) -> None:
+        self.store.ensure()
+        self.store.meta.schema_version()
+        gone = reconcile(self.store)  # drops records of volumes whose mount is gone
+        for v in gone:
+            log.info("reconcile: volume at %s (%s) is no longer mounted; record dropped", v.target, v.ref)
+        recorded = {v.target for v in list_volumes(self.store)}  # also undoes half-made volumes
+        kept = 0
+        for path in sorted(self._volumes_dir.glob("*.json")) if self._volumes_dir.is_dir() else []:
+            doc = _read_json(path)
+            target = Path(doc["target"]) if doc and isinstance(doc.get("target"), str) else None
+            if target is None or target not in recorded:
+                path.unlink(missing_ok=True)
+            else:
+                kept += 1
+        for path in sorted(self._refs_dir.glob("*.json")) if self._refs_dir.is_dir() else []:
+            doc = _read_json(path)
+            if doc and isinstance(doc.get("ref"), str):
+                self._forget_ref_if_unused(doc["ref"])
+            else:
+                path.unlink(missing_ok=True)
+        self.metrics.volumes.set(kept)
+        log.info("store %s ready: %d volume(s) published by this plugin", self.store.root, kept)
+        self._started = True
+
+    def ensure_started(self) -> None:
+        if self._closing:
+            raise StoreError("the plugin is shutting down", hint="the CO retries once the plugin is back")
+        if not self._started:
+            try:
+                self.start()
+            except ImagevolError:
+                raise
+            except Exception as e:
+                raise StoreError(
+                    f"the store at {self.store.root} is unusable: {e}",
+                    hint="check the plugin's --root volume (a writable directory on the node)",
+                ) from None
+
+    def probe(self) -> tuple[bool, str]:
+        """(ready, why not): the store root is a writable directory and its metadata opens."""
+        root = self.store.root
+        try:
+            self.ensure_started()
+        except Exception as e:
+            msg = e.message if isinstance(e, ImagevolError) else f"{type(e).__name__}: {e}"
+            return False, msg
+        if not root.is_dir():
+            return False, f"store root {root} is not a directory"
+        probe = root / f".probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return False, f"store root {root} is not writable: {e.strerror or e}"
+        try:
+            self.store.meta.schema_version()
+        except Exception as e:
+            msg = e.message if isinstance(e, ImagevolError) else f"{type(e).__name__}: {e}"
+            return False, f"store {root} is unusable: {msg}"
+        return True, ""
+
+    def shutdown(self, timeout: float) -> None:
+        """Refuse new work; let jobs that are mounting finish (at most `timeout` seconds). Pulls are
+        left as they are: a pull killed with the process resumes at the next publish."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        with self._mu:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            left = max(0.0, deadline - time.monotonic())
+            if job.lock.acquire(timeout=left):
+                job.cancelled = True
+                job.lock.release()
+
+    # ---- publish
+
+    def existing(self, target: Path, spec: VolumeSpec) -> Volume | None:
+        """The volume already mounted at `target` if it is this spec's; Conflict if another's."""
+        rec = self.store.meta.get_volume_by_target(os.fspath(target))
+        if rec is None:
+            return None
+        mounted = os.fspath(target) in mountpoints() if rec.mode == "bind" else os.path.lexists(target)
+        if not mounted:
+            return None
+        doc = _read_json(self._record_path(target))
+        if doc is not None:
+            same = (
+                doc.get("image") == spec.image
+                and (doc.get("subPath") or None) == spec.subpath
+                and doc.get("platforms") == [str(p) for p in spec.platforms]
+                and doc.get("platformPolicy") == spec.policy
+            )
+            what = doc.get("image")
+        else:  # published by a process that died before writing its CSI record, or by hand
+            same = rec.ref == spec.ref_key
+            what = rec.ref
+        if not same:
+            raise Conflict(
+                f"target {target} already holds another volume ({what}); this request asks for {spec.describe()}",
+                hint="unpublish that volume first; a pod's volume attributes cannot change while it runs",
+            )
+        return Volume(rec.id, target, rec.ref or "", rec.digest, rec.snapshot_key or "", rec.mode, spec.subpath,
+                      rec.created_at, True)  # fmt: skip
+
+    def publish(
+        self,
+        volume_id: str,
+        target: str | os.PathLike[str],
+        spec: VolumeSpec,
+        *,
+        secrets: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Volume:
+        """Mount `spec` read-only at `target`; see the module docs. Raises :class:`Pending` when the
+        work outlives `timeout` seconds (None: wait until done)."""
+        self.ensure_started()
+        tgt = canonical_target(target)
+        found = self.existing(tgt, spec)
+        if found is not None:
+            return found
+        key = (volume_id, tgt)
+        now = time.monotonic()
+        with self._mu:
+            job = self._jobs.get(key)
+            if job is not None and job.future.done():
+                stale = job.future.exception() is None or (now - (job.done_at or now)) > FAILED_RESULT_TTL
+                if stale or job.spec != spec:
+                    del self._jobs[key]
+                    job = None
+            if job is not None and job.spec != spec:
+                raise Pending(
+                    f"volume {volume_id} is being published at {tgt} with other attributes ({job.spec.describe()})",
+                    "retry once it is done, or unpublish it",
+                )
+            if job is None:
+                for other in self._jobs.values():
+                    if other.target == tgt and not other.future.done():
+                        raise Conflict(
+                            f"target {tgt} is being published for volume {other.volume_id}",
+                            hint="each volume needs a target of its own",
+                        )
+                creds = dict(secrets or {})
+                options = self._options_for(spec, creds)
+                job = Job(volume_id, tgt, spec)
+                self._jobs[key] = job
+                threading.Thread(
+                    target=self._run_job,
+                    args=(job, options, self._creds_key(creds)),
+                    name=f"csi-publish-{volume_id[:16]}",
+                    daemon=True,
+                ).start()
+        try:
+            return job.future.result(timeout=timeout)
+        except FutureTimeout:
+            raise Pending(
+                f"volume {volume_id}: {job.describe()}; the work goes on",
+                "the next NodePublishVolume call for this volume attaches to it",
+            ) from None
+        except BaseException:
+            with self._mu:  # delivered: the next retry starts a new attempt
+                if self._jobs.get(key) is job:
+                    del self._jobs[key]
+            raise
+
+    def _options_for(self, spec: VolumeSpec, secrets: dict[str, str]) -> RegistryOptions:
+        base = self.config.options
+        lookup = registry_credentials(secrets, spec.ref, base.authfile)
+        return base if lookup is None else dataclasses.replace(base, credentials=lookup)
+
+    @staticmethod
+    def _creds_key(secrets: dict[str, str]) -> str:
+        if not secrets:
+            return ""
+        h = hashlib.sha256()
+        for k in sorted(secrets):
+            h.update(k.encode() + b"\0" + secrets[k].encode() + b"\0")
+        return h.hexdigest()
+
+    def _run_job(self, job: Job, options: RegistryOptions, creds_key: str) -> None:
+        shared: SharedPull | None = None
+        try:
+            job.state = "pulling"
+            shared = self._attach_pull(job.spec, options, creds_key)
+            job.pull = shared
+            res = shared.future.result()
+            with job.lock:
+                if job.cancelled:
+                    raise Cancelled(
+                        f"volume {job.volume_id} was unpublished (or the plugin stopped) before it was mounted"
+                    )
+                job.state = "mounting"
+                vol = self._make_volume(job, res)
+            self.metrics.publish_seconds.observe(time.monotonic() - job.started)
+            job.state = "done"
+            job.done_at = time.monotonic()
+            with self._mu:
+                if self._jobs.get((job.volume_id, job.target)) is job:
+                    del self._jobs[(job.volume_id, job.target)]
+            job.future.set_result(vol)
+        except BaseException as e:
+            job.state = "done"
+            job.done_at = time.monotonic()
+            if not isinstance(e, Cancelled):
+                log.info("publish of volume %s (%s) failed: %s", job.volume_id, job.spec.image, e)
+            job.future.set_exception(e)
+        finally:
+            if shared is not None:
+                self._release_pull(shared)
+
+    def _make_volume(self, job: Job, res: PullResult) -> Volume:
+        store = self.store
+        spec = job.spec
+
+        def warn(msg: str) -> None:
+            log.warning("volume %s (%s): %s", job.volume_id, spec.image, msg)
+
+        with store.lock("gc", shared=True):
+            snap = materialize(store, res.manifest, options=MaterializeOptions(apply=ApplyOptions()), warn=warn)
+            vol = create_volume(store, snap, job.target, ref=res.reference, mode="auto", subpath=spec.subpath)
+        _write_json(
+            self._record_path(job.target),
+            {
+                "volumeId": job.volume_id,
+                "target": os.fspath(job.target),
+                "image": spec.image,
+                "reference": res.reference,
+                "digest": str(res.digest),
+                "platforms": [str(p) for p in spec.platforms],
+                "platformPolicy": spec.policy,
+                "pullPolicy": spec.pull_policy,
+                "subPath": spec.subpath,
+                "storeVolumeId": vol.id,
+                "publishedAt": time.time(),
+            },
+        )
+        self._count_volumes()
+        return vol
+
+    # ---- shared pulls
+
+    def _attach_pull(self, spec: VolumeSpec, options: RegistryOptions, creds_key: str) -> SharedPull:
+        key = (spec.ref_key, spec.platforms, spec.policy, spec.pull_policy, creds_key)
+        with self._mu:
+            sp = self._pulls.get(key)
+            if sp is None or (sp.future.done() and sp.future.exception() is not None):
+                sp = SharedPull(key, spec.image)
+                self._pulls[key] = sp
+                threading.Thread(target=self._run_pull, args=(sp, spec, options), name="csi-pull", daemon=True).start()
+            sp.users += 1
+            return sp
+
+    def _release_pull(self, sp: SharedPull) -> None:
+        with self._mu:
+            sp.users -= 1
+            drop = sp.users == 0 and sp.future.done()
+            if drop and self._pulls.get(sp.key) is sp:
+                del self._pulls[sp.key]
+        if drop:
+            self._drop_lease(sp)
+
+    def _drop_lease(self, sp: SharedPull) -> None:
+        lease, sp.lease = sp.lease, None
+        if lease is not None:
+            try:
+                self.store.meta.remove_lease(lease)
+            except Exception as e:  # it expires with the process anyway
+                log.warning("cannot remove lease %s: %s", lease, e)
+
+    def _run_pull(self, sp: SharedPull, spec: VolumeSpec, options: RegistryOptions) -> None:
+        store = self.store
+
+        def progress(ev: ProgressEvent) -> None:
+            if ev.kind == "resolved" and ev.size:
+                sp.total = ev.size
+            elif ev.kind == "bytes" and not ev.cached:
+                sp.downloaded += ev.n
+                self.metrics.pull_bytes.inc(ev.n)
+
+        with self._pull_slots:
+            sp.started = time.monotonic()
+            try:
+                existed = store.meta.get_ref(spec.ref_key) is not None
+                # As imagevol.mount does: content the pull found or fetched cannot be collected before
+                # the lease below holds it.
+                with store.lock("gc", shared=True):
+                    res = pull(
+                        spec.ref,
+                        root=store,
+                        platforms=list(spec.platforms),
+                        policy=spec.policy,
+                        pull_policy=spec.pull_policy,
+                        options=options,
+                        progress=progress,
+                    )
+                    lease = f"csi-pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+                    store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
+                sp.lease = lease
+                if not existed and store.meta.get_ref(res.reference) is not None:
+                    _write_json(self._ref_marker(res.reference), {"ref": res.reference, "since": time.time()})
+                for w in res.warnings:
+                    log.warning("pull %s: %s", spec.image, w)
+                self.metrics.pulls.labels("success").inc()
+                self.metrics.pull_seconds.observe(time.monotonic() - sp.started)
+                log.info(
+                    "pulled %s -> %s: %d bytes downloaded, %d reused, %.2f s",
+                    spec.image, res.digest, res.downloaded, res.reused, time.monotonic() - sp.started,
+                )  # fmt: skip
+            except BaseException as e:
+                self.metrics.pulls.labels("failure").inc()
+                self.metrics.pull_seconds.observe(time.monotonic() - sp.started)
+                with self._mu:
+                    if self._pulls.get(sp.key) is sp:
+                        del self._pulls[sp.key]  # the next attempt pulls afresh
+                sp.future.set_exception(e)
+                return
+        with self._mu:
+            orphan = sp.users == 0
+            if orphan and self._pulls.get(sp.key) is sp:
+                del self._pulls[sp.key]
+        if orphan:
+            self._drop_lease(sp)
+        sp.future.set_result(res)
+
+    # ---- unpublish
+
+    def unpublish(self, volume_id: str, target: str | os.PathLike[str], *, timeout: float | None = None) -> bool:
+        """Unmount the volume at `target`, release its content and remove the target; True if a
+        volume was there. Idempotent. Raises :class:`Pending` if a job is mounting it and does not
+        finish within `timeout`."""
+        self.ensure_started()
+        tgt = canonical_target(target)
+        key = (volume_id, tgt)
+        with self._mu:
+            job = self._jobs.get(key)
+        if job is not None:
+            if not job.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                raise Pending(f"volume {volume_id} is being mounted at {tgt}", "retry in a moment")
+            job.cancelled = True
+            job.lock.release()
+            with self._mu:
+                if self._jobs.get(key) is job:
+                    del self._jobs[key]
+        record = _read_json(self._record_path(tgt))
+        ref_key: str | None = None
+        try:
+            vol = remove_volume(self.store, tgt)
+            ref_key = vol.ref or None
+            removed = True
+        except NotFoundError:
+            removed = False
+            if os.fspath(tgt) in mountpoints():
+                raise ImagevolError(
+                    f"{tgt} is a mount point that imagevol has no record of",
+                    hint=f"it was not mounted by this plugin; check it (`findmnt {tgt}`) and unmount it by hand",
+                ) from None
+            if record is not None and isinstance(record.get("reference"), str):
+                ref_key = record["reference"]
+        try:
+            os.rmdir(tgt)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
+                raise
+            log.warning("target %s is left in place: %s", tgt, e.strerror)
+        self._record_path(tgt).unlink(missing_ok=True)
+        if ref_key:
+            self._forget_ref_if_unused(ref_key)
+        self._count_volumes()
+        return removed
+
+    def _forget_ref_if_unused(self, ref_key: str) -> None:
+        """Forget a reference the plugin pulled once no volume, job or pull uses it (then gc may
+        reclaim its content). Under the lock that starting a pull takes, so no pull of it starts
+        in between."""
+        marker = self._ref_marker(ref_key)
+        if not marker.exists():
+            return
+        with self._mu:
+            if any(j.spec.ref_key == ref_key for j in self._jobs.values() if not j.future.done()):
+                return
+            if any(sp.key[0] == ref_key for sp in self._pulls.values()):
+                return
+            if any(rec.ref == ref_key for rec in self.store.meta.list_volumes()):
+                return
+            self.store.meta.remove_ref(ref_key)
+            marker.unlink(missing_ok=True)
+        log.info("forgot %s: no volume uses it any more (gc may reclaim its content)", ref_key)
+
+    def _count_volumes(self) -> None:
+        with contextlib.suppress(OSError):
+            self.metrics.volumes.set(sum(1 for _ in self._volumes_dir.glob("*.json")))
+
+
+__all__ = ["Conflict", "Job", "PluginConfig", "Publisher", "SharedPull", "canonical_target"]

@@ -1,0 +1,731 @@
+"""The CSI node plugin (`imagevol csi`) driven over its unix socket the way the kubelet drives it.
+
+The plugin runs as a separate process (so a restart is a real restart) against the real registry,
+often through the counting, rate-limited proxy (tests/support/proxy.py) so a pull outlasts a short
+deadline. Requests are built as the kubelet builds them for an inline ephemeral volume
+(pkg/volume/csi/csi_mounter.go): access mode SINGLE_NODE_WRITER, `readonly` from the pod's
+`readOnly`, pod information in the volume context, the parent of the target made, the target not.
+
+Checked: identity calls; Probe ready and not ready; a publish whose deadline expires mid-pull,
+retried until it succeeds with the blob crossing the wire once; concurrent publishes of one image
+sharing one pull; idempotency and conflicts; unpublish (unmounted, target gone, content released
+to gc); restarts of the plugin between publish and unpublish, and a SIGKILL mid-pull that the
+next publish resumes; the no-match error carrying the explain trace; read-write and block
+requests refused; an ORAS artifact under a foreign-architecture index with platformPolicy any;
+credentials from the volume's secret; unpublish while the pull still runs; metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from imagevol.csi import csi_pb2 as pb
+from imagevol.csi import csi_pb2_grpc as pb_grpc
+from tests.support import oci
+from tests.support.clirun import Imagevol, mount_options, mountpoints
+from tests.support.proxy import Proxy
+from tests.support.registry import free_port
+from tests.support.tars import E, push_image, tar_layer
+
+pytestmark = pytest.mark.e2e
+
+IS_ROOT = os.geteuid() == 0
+root_only = pytest.mark.skipif(not IS_ROOT, reason="bind mounts need root")
+MiB = 1 << 20
+TITLE = "org.opencontainers.image.title"
+NODE = "linux/amd64"
+Mode = pb.VolumeCapability.AccessMode
+RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
+
+
+# --------------------------------------------------------------------------- the plugin process
+
+
+class Plugin:
+    """`python -m imagevol --root ROOT csi ...` in its own session, with stubs on its socket."""
+
+    def __init__(self, cli: Imagevol, sock: Path, log: Path, *extra: str) -> None:
+        self.cli, self.sock, self.log, self.extra = cli, sock, log, extra
+        self.metrics_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.channel: grpc.Channel | None = None
+        self.starts = 0
+
+    def start(self) -> Plugin:
+        self.starts += 1
+        log = self.log.with_name(f"{self.log.stem}-{self.starts}.log")
+        self.proc = self.cli.popen(
+            "csi",
+            "--endpoint",
+            f"unix://{self.sock}",
+            "--node-id",
+            "n1",
+            "--platform",
+            NODE,
+            "--metrics-port",
+            str(self.metrics_port),
+            "--metrics-host",
+            "127.0.0.1",
+            *self.extra,
+            log=log,
+        )
+        self.current_log = log
+        self.channel = grpc.insecure_channel(f"unix://{self.sock}")
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the plugin exited with {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                self.identity.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=2)
+                return self
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the plugin did not answer within 30 s:\n{log.read_text()}") from None
+                time.sleep(0.1)
+
+    @property
+    def identity(self) -> pb_grpc.IdentityStub:
+        return pb_grpc.IdentityStub(self.channel)
+
+    @property
+    def node(self) -> pb_grpc.NodeStub:
+        return pb_grpc.NodeStub(self.channel)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+            raise AssertionError(f"the plugin ignored signal {sig}:\n{self.current_log.read_text()}") from None
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@dataclass
+class Env:
+    cli: Imagevol
+    plugin: Plugin
+    pods: Path
+    tmp: Path
+
+    def target(self, name: str) -> Path:
+        """`/var/lib/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount`: the parent exists."""
+        t = self.pods / os.urandom(4).hex() / "volumes" / "kubernetes.io~csi" / name / "mount"
+        t.parent.mkdir(parents=True)
+        return t
+
+
+def _start_env(tmp_path: Path, root: Path | None = None) -> Env:
+    sockdir = Path(tempfile.mkdtemp(prefix="ivcsi-", dir="/tmp"))  # a unix socket path is short
+    pods = tmp_path / "pods"
+    pods.mkdir(exist_ok=True)
+    cli = Imagevol(root or tmp_path / "store", tmp_path / "home", watch=[pods])
+    plugin = Plugin(cli, sockdir / "csi.sock", tmp_path / "plugin.log").start()
+    return Env(cli, plugin, pods, tmp_path)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    e = _start_env(tmp_path)
+    yield e
+    if e.plugin.proc is not None and e.plugin.proc.poll() is None:
+        e.plugin.stop()
+    e.cli.cleanup()
+    shutil.rmtree(e.plugin.sock.parent, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- kubelet-like calls
+
+
+def publish_request(
+    volume_id: str,
+    target: Path,
+    attrs: dict[str, str],
+    *,
+    readonly: bool = True,
+    mode: int = Mode.SINGLE_NODE_WRITER,
+    block: bool = False,
+    secrets: dict[str, str] | None = None,
+) -> pb.NodePublishVolumeRequest:
+    cap = pb.VolumeCapability(access_mode=pb.VolumeCapability.AccessMode(mode=mode))
+    if block:
+        cap.block.SetInParent()
+    else:
+        cap.mount.SetInParent()
+    context = {
+        **attrs,
+        "csi.storage.k8s.io/pod.name": "model-server",
+        "csi.storage.k8s.io/pod.namespace": "default",
+        "csi.storage.k8s.io/pod.uid": target.parts[-5],
+        "csi.storage.k8s.io/serviceAccount.name": "default",
+        "csi.storage.k8s.io/ephemeral": "true",
+    }
+    return pb.NodePublishVolumeRequest(
+        volume_id=volume_id,
+        target_path=str(target),
+        volume_capability=cap,
+        readonly=readonly,
+        volume_context=context,
+        secrets=secrets or {},
+    )
+
+
+def rpc_error(call, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as ei:
+        call(*args, **kw)
+    return ei.value
+
+
+def publish_until_ok(plugin: Plugin, req: pb.NodePublishVolumeRequest, deadline: float, limit: float = 90) -> int:
+    """Call as the kubelet does until the publish succeeds; returns the number of calls."""
+    calls = 0
+    end = time.monotonic() + limit
+    while True:
+        calls += 1
+        try:
+            plugin.node.NodePublishVolume(req, timeout=deadline)
+            return calls
+        except grpc.RpcError as e:
+            assert e.code() in RETRYABLE, f"{e.code()}: {e.details()}"
+            assert time.monotonic() < end, f"still pending after {limit} s"
+            time.sleep(0.05)
+
+
+def unpublish(plugin: Plugin, volume_id: str, target: Path, timeout: float = 30) -> None:
+    plugin.node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target)), timeout=timeout
+    )
+
+
+def files_under(path: Path) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            p = Path(dirpath, n)
+            out[str(p.relative_to(path))] = p.read_bytes()
+    return out
+
+
+def gc(cli: Imagevol) -> dict:
+    r = cli.run("gc", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+# --------------------------------------------------------------------------- content
+
+
+@dataclass
+class Img:
+    repo: str
+    tag: str
+    files: dict[str, bytes]
+    blobs: dict[str, int]  # layer and config digests -> size
+
+    def ref(self, host: str) -> str:
+        return f"{host}/{self.repo}:{self.tag}"
+
+    @property
+    def big(self) -> tuple[str, int]:
+        return max(self.blobs.items(), key=lambda kv: kv[1])
+
+
+def _image(client: oci.Client, name: str, files: dict[str, bytes]) -> Img:
+    repo = f"csi/{name}-{os.urandom(3).hex()}"
+    dirs = sorted({p.rsplit("/", 1)[0] for p in files if "/" in p})
+    layer = tar_layer([E(d, kind="dir") for d in dirs] + [E(p, d) for p, d in sorted(files.items())])
+    push_image(client, repo, "v1", [layer])
+    man = json.loads(client.get_manifest(repo, "v1")[0])
+    return Img(repo, "v1", files, {d["digest"]: d["size"] for d in (man["config"], *man["layers"])})
+
+
+@dataclass
+class Content:
+    small: Img
+    other: Img
+    big: Img
+    huge: Img
+    foreign: Img  # an index whose one entry is an arm64-only ORAS artifact
+
+
+@pytest.fixture(scope="module")
+def content(registry, tmp_path_factory) -> Content:
+    client = oci.Client(registry)
+    small = _image(client, "small", {"model/config.json": b'{"layers": 2}', "model/weights.bin": b"small weights"})
+    other = _image(client, "other", {"other.txt": b"another image"})
+    # Random bytes do not compress: the gzip layer is as big as its content.
+    big = _image(client, "big", {"model/weights.bin": os.urandom(4 * MiB), "model/config.json": b"{}"})
+    huge = _image(client, "huge", {"weights.bin": os.urandom(20 * MiB)})
+
+    import oras.client
+
+    src = tmp_path_factory.mktemp("oras")
+    (src / "weights").mkdir()
+    (src / "weights" / "model.safetensors").write_bytes(b"arm64 artifact weights")
+    (src / "config.json").write_bytes(b'{"arch": "arm64"}')
+    ann = src / "annotations.json"
+    ann.write_text(json.dumps({str(src / "weights" / "model.safetensors"): {TITLE: "weights/model.safetensors"}}))
+    repo = f"csi/foreign-{os.urandom(3).hex()}"
+    oc = oras.client.OrasClient(hostname=registry.host, insecure=True)
+    oc.push(
+        target=f"{registry.host}/{repo}:artifact",
+        files=[str(src / "weights" / "model.safetensors"), str(src / "config.json")],
+        annotation_file=str(ann),
+        disable_path_validation=True,
+        quiet=True,
+    )
+    body, _, _ = client.get_manifest(repo, "artifact")
+    man = json.loads(body)
+    entry = oci.descriptor(oci.OCI_MANIFEST, body, platform=oci.platform("linux", "arm64", "v8"))
+    index, _ = oci.make_index([entry])
+    client.push_manifest(repo, "v1", index, oci.OCI_INDEX)
+    foreign = Img(
+        repo,
+        "v1",
+        {"weights/model.safetensors": b"arm64 artifact weights", "config.json": b'{"arch": "arm64"}'},
+        {d["digest"]: d["size"] for d in man["layers"]},
+    )
+    return Content(small, other, big, huge, foreign)
+
+
+@pytest.fixture
+def proxy(registry) -> Iterator[Proxy]:
+    # Small chunks: the rate limit paces smoothly and the byte counts are what the client received.
+    p = Proxy(registry.url, chunk=64 << 10).start()
+    yield p
+    p.stop()
+
+
+def manifest_gets(proxy: Proxy, img: Img) -> int:
+    return sum(1 for r in proxy.requests_for(f"/{img.repo}/manifests/") if r.method == "GET")
+
+
+# --------------------------------------------------------------------------- identity, probe
+
+
+def test_identity_and_node_info(env: Env) -> None:
+    p = env.plugin
+    info = p.identity.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=5)
+    assert info.name == "csi.imagevol.io"
+    assert info.vendor_version
+    caps = p.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest(), timeout=5)
+    services = [c.service.type for c in caps.capabilities if c.HasField("service")]
+    assert pb.PluginCapability.Service.CONTROLLER_SERVICE not in services  # a node-only plugin
+    probe = p.identity.Probe(pb.ProbeRequest(), timeout=5)
+    assert probe.HasField("ready") and probe.ready.value is True
+    assert p.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=5).node_id == "n1"
+    node_caps = p.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=5)
+    rpcs = {c.rpc.type for c in node_caps.capabilities}
+    assert pb.NodeServiceCapability.RPC.STAGE_UNSTAGE_VOLUME not in rpcs  # the kubelet must not stage
+    # An RPC of the Node service the plugin does not serve: UNIMPLEMENTED, as the spec allows.
+    stage = p.channel.unary_unary("/csi.v1.Node/NodeStageVolume")
+    e = rpc_error(stage, b"", timeout=5)
+    assert e.code() == grpc.StatusCode.UNIMPLEMENTED
+    # One log line per call.
+    time.sleep(0.2)
+    log = p.current_log.read_text()
+    assert "GetPluginInfo result=OK" in log and "NodeGetInfo result=OK" in log
+
+
+def test_probe_not_ready_until_the_store_is_usable(tmp_path: Path) -> None:
+    blocker = tmp_path / "disk"
+    blocker.write_text("a file where the store's parent directory should be")
+    root = blocker / "store"
+    e = _start_env(tmp_path, root=root)
+    try:
+        p = e.plugin
+        probe = p.identity.Probe(pb.ProbeRequest(), timeout=5)
+        assert probe.HasField("ready") and probe.ready.value is False
+        req = publish_request("csi-x", e.target("vol"), {"image": "127.0.0.1:1/x/y:z"})
+        err = rpc_error(p.node.NodePublishVolume, req, timeout=10)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert str(root) in err.details()
+        # The store comes back (the node's volume was fixed): ready without a restart.
+        blocker.unlink()
+        probe = p.identity.Probe(pb.ProbeRequest(), timeout=5)
+        assert probe.ready.value is True
+        assert root.is_dir()
+        # A metadata database that does not open is not ready either.
+        p.stop()
+        shutil.rmtree(root)
+        root.mkdir()
+        (root / "meta.db").write_bytes(b"this is not an SQLite database" * 100)
+        p.start()
+        assert p.identity.Probe(pb.ProbeRequest(), timeout=5).ready.value is False
+    finally:
+        if e.plugin.proc is not None and e.plugin.proc.poll() is None:
+            e.plugin.stop()
+        shutil.rmtree(e.plugin.sock.parent, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- refused requests
+
+
+def test_refused_requests(env: Env, content: Content, registry) -> None:
+    p = env.plugin
+    ref = content.small.ref(registry.host)
+    target = env.target("vol")
+    cases = [
+        # A pod without `readOnly: true`: the kubelet sends readonly=false, SINGLE_NODE_WRITER.
+        (publish_request("csi-rw", target, {"image": ref}, readonly=False), "readOnly: true"),
+        (
+            publish_request("csi-rw2", target, {"image": ref}, readonly=False, mode=Mode.MULTI_NODE_MULTI_WRITER),
+            "read-only",
+        ),
+        (publish_request("csi-blk", target, {"image": ref}, block=True), "block"),
+        (publish_request("csi-noimg", target, {}), '"image" is missing'),
+        (publish_request("csi-typo", target, {"image": ref, "pullpolicy": "always"}), "'pullpolicy'"),
+        (publish_request("csi-pol", target, {"image": ref, "platformPolicy": "maybe"}), "platformPolicy"),
+        (publish_request("csi-plat", target, {"image": ref, "platform": "linux/"}), "platform"),
+        (publish_request("csi-ref", target, {"image": "Not A Reference"}), "Not A Reference"),
+        (publish_request("csi-oci", target, {"image": "oci:/var/lib/secret:latest"}), "OCI layout"),
+        (publish_request("csi-sub", target, {"image": ref, "subPath": "../etc"}), ".."),
+        (publish_request("", target, {"image": ref}), "volume_id"),
+    ]
+    for req, needle in cases:
+        err = rpc_error(p.node.NodePublishVolume, req, timeout=10)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (req.volume_id, err.code(), err.details())
+        assert needle in err.details(), (needle, err.details())
+    assert not target.exists()
+    assert p.metric("imagevol_publish_failures_total", reason="INVALID_ARGUMENT") == len(cases)
+    assert p.metric("imagevol_pulls_total", result="success") == 0
+
+
+@root_only
+def test_read_only_modes_and_read_only_flag_publish(env: Env, content: Content, registry) -> None:
+    """A pod with `readOnly: true` (readonly=true, SINGLE_NODE_WRITER) and a CO asking for a
+    reader access mode both get a read-only bind mount."""
+    p = env.plugin
+    ref = content.small.ref(registry.host)
+    t1, t2 = env.target("a"), env.target("b")
+    p.node.NodePublishVolume(publish_request("csi-a", t1, {"image": ref}, readonly=True), timeout=60)
+    req = publish_request("csi-b", t2, {"image": ref}, readonly=False, mode=Mode.MULTI_NODE_READER_ONLY)
+    p.node.NodePublishVolume(req, timeout=60)
+    for t in (t1, t2):
+        assert files_under(t) == content.small.files
+        assert {"ro", "nosuid", "nodev"} <= mount_options(t)
+        with pytest.raises(OSError):
+            (t / "new").write_bytes(b"x")
+    unpublish(p, "csi-a", t1)
+    unpublish(p, "csi-b", t2)
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+@root_only
+def test_deadline_expires_mid_pull_then_retries_attach(env: Env, content: Content, proxy: Proxy) -> None:
+    p = env.plugin
+    img = content.big
+    digest, size = img.big
+    proxy.rate_limit = 2 * MiB  # ~2 s for the 4 MiB layer: four times the kubelet-like deadline
+    target = env.target("model")
+    req = publish_request("csi-deadline", target, {"image": img.ref(proxy.host)})
+    t0 = time.monotonic()
+    first = rpc_error(p.node.NodePublishVolume, req, timeout=0.5)
+    assert first.code() in RETRYABLE
+    assert time.monotonic() - t0 < 1.5
+    calls = 1 + publish_until_ok(p, req, deadline=0.5)
+    assert calls >= 3, "the pull should have outlived several deadlines"
+    assert files_under(target) == img.files
+    assert target in {Path(m) for m in mountpoints()}
+    # The retries attached to the one pull: one resolution, the layer's bytes sent once.
+    assert manifest_gets(proxy, img) == 1
+    assert proxy.bytes_for(digest) == size
+    assert p.metric("imagevol_pulls_total", result="success") == 1
+    assert p.metric("imagevol_publish_total", result="pending") >= 2
+    assert p.metric("imagevol_publish_total", result="success") == 1
+    assert p.metric("imagevol_pull_bytes_total") >= size
+    assert p.metric("imagevol_volumes") == 1
+    assert p.metric("imagevol_pull_duration_seconds_count") == 1
+    assert p.metric("imagevol_publish_duration_seconds_count") == 1
+    # The aborted answers say what is going on.
+    aborted = [e for e in [first] if e.code() == grpc.StatusCode.ABORTED]
+    for e in aborted:
+        assert "pulling" in e.details() or "resolving" in e.details() or "queued" in e.details()
+    unpublish(p, "csi-deadline", target)
+    assert p.metric("imagevol_volumes") == 0
+
+
+@root_only
+def test_concurrent_publishes_share_one_pull(env: Env, content: Content, proxy: Proxy) -> None:
+    p = env.plugin
+    img = content.big
+    digest, size = img.big
+    proxy.rate_limit = 4 * MiB
+    targets = {f"csi-conc-{i}": env.target(f"vol{i}") for i in range(4)}
+    errors: list[BaseException] = []
+
+    def one(vid: str, target: Path) -> None:
+        try:
+            publish_until_ok(p, publish_request(vid, target, {"image": img.ref(proxy.host)}), deadline=0.6)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=kv) for kv in targets.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for target in targets.values():
+        assert files_under(target) == img.files
+    assert manifest_gets(proxy, img) == 1
+    assert proxy.bytes_for(digest) == size
+    assert p.metric("imagevol_pulls_total", result="success") == 1
+    assert p.metric("imagevol_volumes") == len(targets)
+    for vid, target in targets.items():
+        unpublish(p, vid, target)
+        assert not target.exists()
+    assert p.metric("imagevol_volumes") == 0
+
+
+def test_unpublish_while_pulling_cancels_the_mount(env: Env, content: Content, proxy: Proxy) -> None:
+    p = env.plugin
+    img = content.big
+    proxy.rate_limit = 4 * MiB
+    target = env.target("vol")
+    req = publish_request("csi-cancel", target, {"image": img.ref(proxy.host)})
+    err = rpc_error(p.node.NodePublishVolume, req, timeout=0.3)
+    assert err.code() in RETRYABLE
+    t0 = time.monotonic()
+    unpublish(p, "csi-cancel", target, timeout=10)
+    assert time.monotonic() - t0 < 2, "unpublish must not wait for the pull"
+    # The pull finishes for the store; the cancelled volume is never mounted.
+    end = time.monotonic() + 30
+    while p.metric("imagevol_pulls_total", result="success") < 1:
+        assert time.monotonic() < end
+        time.sleep(0.1)
+    time.sleep(0.5)
+    assert not target.exists()
+    assert str(target) not in mountpoints()
+    assert p.metric("imagevol_volumes") == 0
+    # A later publish of the same volume works (from the store: no new download).
+    before = proxy.bytes_total
+    if IS_ROOT:
+        p.node.NodePublishVolume(req, timeout=60)
+        assert files_under(target) == img.files
+        assert proxy.bytes_total - before < 64 << 10
+        unpublish(p, "csi-cancel", target)
+
+
+# --------------------------------------------------------------------------- idempotency, unpublish, gc
+
+
+@root_only
+def test_publish_is_idempotent_and_conflicts_are_refused(env: Env, content: Content, proxy: Proxy) -> None:
+    p = env.plugin
+    target = env.target("vol")
+    req = publish_request("csi-idem", target, {"image": content.small.ref(proxy.host)})
+    p.node.NodePublishVolume(req, timeout=60)
+    seen = len(proxy.requests)
+    t0 = time.monotonic()
+    for _ in range(3):
+        p.node.NodePublishVolume(req, timeout=5)
+    assert time.monotonic() - t0 < 2
+    assert len(proxy.requests) == seen, "a repeated publish must not go to the registry"
+    assert files_under(target) == content.small.files
+    # The same target with other content.
+    other = publish_request("csi-idem", target, {"image": content.other.ref(proxy.host)})
+    err = rpc_error(p.node.NodePublishVolume, other, timeout=10)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert content.small.repo in err.details()
+    assert files_under(target) == content.small.files
+    unpublish(p, "csi-idem", target)
+
+
+@root_only
+def test_unpublish_releases_content_to_gc(env: Env, content: Content, registry) -> None:
+    p, cli = env.plugin, env.cli
+    img = content.small
+    target = env.target("vol")
+    p.node.NodePublishVolume(publish_request("csi-gc", target, {"image": img.ref(registry.host)}), timeout=60)
+    gc(cli)
+    for d in img.blobs:
+        assert cli.blob(d).exists(), "gc must keep what a volume holds"
+    unpublish(p, "csi-gc", target)
+    assert not target.exists() and str(target) not in mountpoints()
+    assert target.parent.exists()  # the kubelet's directory stays
+    # Idempotent: again, and for a target that never was.
+    unpublish(p, "csi-gc", target)
+    unpublish(p, "csi-never", env.target("never"))
+    assert img.ref(registry.host) not in {i["reference"] for i in cli.images()}
+    res = gc(cli)
+    assert set(img.blobs) <= set(res["removed"])
+    for d in img.blobs:
+        assert not cli.blob(d).exists()
+    # A reference pulled by hand is the admin's: unpublish leaves it (and its content) in place.
+    other = content.other
+    r = cli.pull(other.ref(registry.host))
+    assert r.returncode == 0, r.stderr
+    t2 = env.target("vol2")
+    p.node.NodePublishVolume(publish_request("csi-gc2", t2, {"image": other.ref(registry.host)}), timeout=60)
+    unpublish(p, "csi-gc2", t2)
+    gc(cli)
+    for d in other.blobs:
+        assert cli.blob(d).exists()
+    assert other.ref(registry.host) in {i["reference"] for i in cli.images()}
+
+
+@root_only
+def test_restart_between_publish_and_unpublish(env: Env, content: Content, proxy: Proxy) -> None:
+    p, cli = env.plugin, env.cli
+    img = content.small
+    target = env.target("vol")
+    req = publish_request("csi-restart", target, {"image": img.ref(proxy.host), "subPath": "model"})
+    p.node.NodePublishVolume(req, timeout=60)
+    assert files_under(target) == {k.removeprefix("model/"): v for k, v in img.files.items()}
+    assert p.stop(signal.SIGTERM) == 0
+    assert not p.sock.exists(), "a stopped plugin removes its socket"
+    assert str(target) in mountpoints(), "volumes outlive the plugin"
+    p.start()
+    assert p.identity.Probe(pb.ProbeRequest(), timeout=5).ready.value is True
+    assert p.metric("imagevol_volumes") == 1  # re-discovered from the records
+    seen = len(proxy.requests)
+    p.node.NodePublishVolume(req, timeout=5)  # the kubelet's retry after the restart
+    assert len(proxy.requests) == seen
+    assert p.metric("imagevol_pulls_total", result="success") == 0
+    # Unpublish after a hard kill and another start.
+    p.stop(signal.SIGKILL)
+    p.start()
+    unpublish(p, "csi-restart", target)
+    assert not target.exists() and str(target) not in mountpoints()
+    assert set(img.blobs) <= set(gc(cli)["removed"])
+
+
+@root_only
+def test_killed_mid_pull_resumes_after_restart(env: Env, content: Content, proxy: Proxy) -> None:
+    p = env.plugin
+    img = content.huge
+    digest, size = img.big
+    proxy.rate_limit = 8 * MiB
+    target = env.target("vol")
+    req = publish_request("csi-kill", target, {"image": img.ref(proxy.host)})
+    err = rpc_error(p.node.NodePublishVolume, req, timeout=0.5)
+    assert err.code() in RETRYABLE
+    end = time.monotonic() + 30
+    while proxy.bytes_for(digest) < 10 * MiB:  # past the 8 MiB the pull records progress at
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    p.stop(signal.SIGKILL)
+    before = proxy.bytes_for(digest)
+    assert before < size
+    p.start()
+    publish_until_ok(p, req, deadline=1.0)
+    assert files_under(target) == img.files
+    again = proxy.bytes_for(digest) - before
+    assert again < size - 4 * MiB, f"the pull started over: {again} of {size} bytes fetched again"
+    unpublish(p, "csi-kill", target)
+
+
+# --------------------------------------------------------------------------- platforms, artifacts, credentials
+
+
+def test_no_match_for_the_node_platform(env: Env, content: Content, registry) -> None:
+    p = env.plugin
+    target = env.target("vol")
+    req = publish_request("csi-nomatch", target, {"image": content.foreign.ref(registry.host)})
+    err = rpc_error(p.node.NodePublishVolume, req, timeout=30)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    d = err.details()
+    assert "no manifest" in d and NODE in d
+    assert "[0] linux/arm64/v8: no-match" in d  # the explain trace, entry by entry
+    assert 'platformPolicy: "any"' in d and 'platform: "linux/arm64/v8"' in d
+    assert not target.exists()
+    assert p.metric("imagevol_publish_failures_total", reason="FAILED_PRECONDITION") == 1
+    assert p.metric("imagevol_pulls_total", result="failure") == 1
+    # Delivered once: the next call tries again (and fails again, the same way).
+    err2 = rpc_error(p.node.NodePublishVolume, req, timeout=30)
+    assert err2.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert p.metric("imagevol_pulls_total", result="failure") == 2
+
+
+@root_only
+def test_artifact_on_foreign_arch_with_platform_policy_any(env: Env, content: Content, registry) -> None:
+    p = env.plugin
+    img = content.foreign
+    t1, t2 = env.target("all"), env.target("sub")
+    p.node.NodePublishVolume(
+        publish_request("csi-any", t1, {"image": img.ref(registry.host), "platformPolicy": "any"}), timeout=60
+    )
+    assert files_under(t1) == img.files
+    for layer in img.blobs:  # raw artifact layers are the verified blobs themselves
+        title = next(k for k, v in img.files.items() if len(v) == img.blobs[layer])
+        assert os.stat(t1 / title).st_ino == os.stat(env.cli.blob(layer)).st_ino
+    attrs = {"image": img.ref(registry.host), "platformPolicy": "any", "subPath": "weights", "pullPolicy": "never"}
+    p.node.NodePublishVolume(publish_request("csi-any-sub", t2, attrs), timeout=60)
+    assert files_under(t2) == {"model.safetensors": img.files["weights/model.safetensors"]}
+    unpublish(p, "csi-any", t1)
+    unpublish(p, "csi-any-sub", t2)
+
+
+def test_pull_policy_never_without_content(env: Env, content: Content, registry) -> None:
+    p = env.plugin
+    req = publish_request(
+        "csi-never", env.target("v"), {"image": content.other.ref(registry.host), "pullPolicy": "Never"}
+    )
+    err = rpc_error(p.node.NodePublishVolume, req, timeout=30)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "not in the store" in err.details() and "hint:" in err.details()
+
+
+def test_credentials_from_the_volume_secret(env: Env, basic_registry) -> None:
+    p = env.plugin
+    client = oci.Client(basic_registry)
+    img = _image(client, "private", {"secret/weights.bin": b"private weights"})
+    ref = img.ref(basic_registry.host)
+    target = env.target("vol")
+    err = rpc_error(p.node.NodePublishVolume, publish_request("csi-auth0", target, {"image": ref}), timeout=30)
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "nodePublishSecretRef" in err.details()
+    user, password = next(iter(basic_registry.users.items()))
+    wrong = publish_request("csi-auth1", target, {"image": ref}, secrets={"username": user, "password": "nope"})
+    err = rpc_error(p.node.NodePublishVolume, wrong, timeout=30)
+    assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    assert "nope" not in err.details() and "nope" not in p.current_log.read_text()
+    if not IS_ROOT:
+        return
+    good = publish_request("csi-auth2", target, {"image": ref}, secrets={"username": user, "password": password})
+    p.node.NodePublishVolume(good, timeout=60)
+    assert files_under(target) == img.files
+    unpublish(p, "csi-auth2", target)
+    # A kubernetes.io/dockerconfigjson secret.
+    auth = __import__("base64").b64encode(f"{user}:{password}".encode()).decode()
+    cfg = json.dumps({"auths": {basic_registry.host: {"auth": auth}}})
+    t2 = env.target("vol2")
+    req = publish_request("csi-auth3", t2, {"image": ref, "pullPolicy": "always"}, secrets={".dockerconfigjson": cfg})
+    p.node.NodePublishVolume(req, timeout=60)
+    assert files_under(t2) == img.files
+    unpublish(p, "csi-auth3", t2)
