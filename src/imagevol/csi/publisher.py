@@ -59,6 +59,7 @@ from ..sources.registry import RegistryOptions
 from ..store import Store
 from ..unpack.applier import ApplyOptions
 from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume
+from . import DEFAULT_DRIVER_NAME
 from .attrs import VolumeSpec, registry_credentials
 from .metrics import Metrics
 from .status import Cancelled, Conflict, Pending
@@ -119,7 +120,7 @@ class PluginConfig:
 
     root: Path
     node_id: str
-    driver_name: str = "csi.imagevol.io"
+    driver_name: str = DEFAULT_DRIVER_NAME
     platforms: list[Platform] = field(default_factory=list)
     options: RegistryOptions = field(default_factory=RegistryOptions)
 
