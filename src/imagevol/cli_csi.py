@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from .cli import handle_errors, main, make_options, registry_options
+from .csi import DEFAULT_DRIVER_NAME
 
 
 @main.command("csi")
@@ -27,7 +28,7 @@ from .cli import handle_errors, main, make_options, registry_options
     envvar="NODE_ID",
     help="This node's name, as NodeGetInfo reports it (default: $NODE_ID).",
 )
-@click.option("--driver-name", default="csi.imagevol.io", show_default=True, help="The CSI driver name.")
+@click.option("--driver-name", default=DEFAULT_DRIVER_NAME, show_default=True, help="The CSI driver name.")
 @click.option(
     "--metrics-port",
     type=click.IntRange(min=0, max=65535),
