@@ -687,6 +687,12 @@ def test_artifact_on_foreign_arch_with_platform_policy_any(env: Env, content: Co
     attrs = {"image": img.ref(registry.host), "platformPolicy": "any", "subPath": "weights", "pullPolicy": "never"}
     p.node.NodePublishVolume(publish_request("csi-any-sub", t2, attrs), timeout=60)
     assert files_under(t2) == {"model.safetensors": img.files["weights/model.safetensors"]}
+    t3 = env.target("missing")
+    missing = publish_request("csi-any-missing", t3, {**attrs, "subPath": "tokenizer"})
+    err = rpc_error(p.node.NodePublishVolume, missing, timeout=60)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert 'sub path "tokenizer" does not exist' in err.details() and "subPath" in err.details()
+    assert not t3.exists()
     unpublish(p, "csi-any", t1)
     unpublish(p, "csi-any-sub", t2)
 

@@ -85,9 +85,13 @@ class SharedPull:
     total: int = 0
     downloaded: int = 0
 
+    running: bool = False
+
     def progress_text(self) -> str:
         mib = 1 << 20
         secs = time.monotonic() - self.started
+        if not self.running:
+            return f"waiting {secs:.1f} s for one of the {MAX_CONCURRENT_PULLS} pull slots"
         if self.total:
             return f"{self.downloaded / mib:.1f} of {self.total / mib:.1f} MiB after {secs:.1f} s"
         return f"resolving after {secs:.1f} s"
@@ -407,6 +411,12 @@ class Publisher:
 
         with store.lock("gc", shared=True):
             snap = materialize(store, res.manifest, options=MaterializeOptions(apply=ApplyOptions()), warn=warn)
+            if spec.subpath and not os.path.lexists(snap.path / spec.subpath):
+                kind = "image" if snap.flavour == "image" else f"{snap.flavour} artifact"
+                raise NotFoundError(
+                    f'sub path "{spec.subpath}" does not exist in {spec.image} ({kind}, {res.digest.short})',
+                    hint="fix the volume attribute subPath; `imagevol inspect REF` lists the layers and titles",
+                )
             vol = create_volume(store, snap, job.target, ref=res.reference, mode="auto", subpath=spec.subpath)
         _write_json(
             self._record_path(job.target),
@@ -469,6 +479,7 @@ class Publisher:
 
         with self._pull_slots:
             sp.started = time.monotonic()
+            sp.running = True
             try:
                 existed = store.meta.get_ref(spec.ref_key) is not None
                 # As imagevol.mount does: content the pull found or fetched cannot be collected before
