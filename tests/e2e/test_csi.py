@@ -34,6 +34,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import imagevol.pull
 from imagevol.csi import csi_pb2 as pb
 from imagevol.csi import csi_pb2_grpc as pb_grpc
 from tests.support import oci
@@ -51,6 +52,8 @@ TITLE = "org.opencontainers.image.title"
 NODE = "linux/amd64"
 Mode = pb.VolumeCapability.AccessMode
 RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
+# How often a pull records the progress of a blob (what a killed pull keeps).
+MARK_EVERY = getattr(imagevol.pull, "MARK_EVERY", 8 * MiB)
 
 
 # --------------------------------------------------------------------------- the plugin process
@@ -287,7 +290,8 @@ def content(registry, tmp_path_factory) -> Content:
     other = _image(client, "other", {"other.txt": b"another image"})
     # Random bytes do not compress: the gzip layer is as big as its content.
     big = _image(client, "big", {"model/weights.bin": os.urandom(4 * MiB), "model/config.json": b"{}"})
-    huge = _image(client, "huge", {"weights.bin": os.urandom(20 * MiB)})
+    # Big enough that a kill after the first progress record leaves a good part to resume.
+    huge = _image(client, "huge", {"weights.bin": os.urandom(MARK_EVERY + 12 * MiB)})
 
     import oras.client
 
@@ -630,13 +634,13 @@ def test_killed_mid_pull_resumes_after_restart(env: Env, content: Content, proxy
     p = env.plugin
     img = content.huge
     digest, size = img.big
-    proxy.rate_limit = 8 * MiB
+    proxy.rate_limit = 10 * MiB
     target = env.target("vol")
     req = publish_request("csi-kill", target, {"image": img.ref(proxy.host)})
     err = rpc_error(p.node.NodePublishVolume, req, timeout=0.5)
     assert err.code() in RETRYABLE
     end = time.monotonic() + 30
-    while proxy.bytes_for(digest) < 10 * MiB:  # past the 8 MiB the pull records progress at
+    while proxy.bytes_for(digest) < MARK_EVERY + 2 * MiB:  # past the pull's first progress record
         assert time.monotonic() < end
         time.sleep(0.02)
     p.stop(signal.SIGKILL)
