@@ -373,6 +373,8 @@ class Publisher:
 
     def _run_job(self, job: Job, options: RegistryOptions, creds_key: str) -> None:
         shared: SharedPull | None = None
+        vol: Volume | None = None
+        error: BaseException | None = None
         try:
             job.state = "pulling"
             shared = self._attach_pull(job.spec, options, creds_key)
@@ -386,21 +388,24 @@ class Publisher:
                 job.state = "mounting"
                 vol = self._make_volume(job, res)
             self.metrics.publish_seconds.observe(time.monotonic() - job.started)
-            job.state = "done"
-            job.done_at = time.monotonic()
-            with self._mu:
-                if self._jobs.get((job.volume_id, job.target)) is job:
-                    del self._jobs[(job.volume_id, job.target)]
-            job.future.set_result(vol)
         except BaseException as e:
-            job.state = "done"
-            job.done_at = time.monotonic()
+            error = e
             if not isinstance(e, Cancelled):
                 log.info("publish of volume %s (%s) failed: %s", job.volume_id, job.spec.image, e)
-            job.future.set_exception(e)
         finally:
+            # The pull's lease goes before anyone hears of the outcome: once the caller knows, gc
+            # sees only what the volume holds.
             if shared is not None:
                 self._release_pull(shared)
+        job.state = "done"
+        job.done_at = time.monotonic()
+        if error is not None:
+            job.future.set_exception(error)
+            return
+        with self._mu:
+            if self._jobs.get((job.volume_id, job.target)) is job:
+                del self._jobs[(job.volume_id, job.target)]
+        job.future.set_result(vol)  # type: ignore[arg-type]
 
     def _make_volume(self, job: Job, res: PullResult) -> Volume:
         store = self.store
