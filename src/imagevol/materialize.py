@@ -473,6 +473,16 @@ def _tar_base(parts: list[str], first: list[str]) -> list[str]:
     return parts  # entries are the directory's content
 
 
+def _read_upto(f: BinaryIO, n: int) -> bytes:
+    """`n` bytes of `f`, fewer only at its end (raw streams may hand out less per read)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < n and (data := f.read(n - got)):
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
 class _Tee:
     """A read-only stream that hashes what passes through it. The hashing runs in a thread of its
     own (hashlib releases the GIL on large buffers), so on two cores it overlaps decompression and
@@ -680,7 +690,7 @@ class _Builder:
         """(is it a tar, components of its first named entry) — reads only the first headers."""
         try:
             with self.store.open_blob(layer.digest) as f:
-                head = open_decompressed(f, compression).read(512)
+                head = _read_upto(open_decompressed(f, compression), 512)
         except ContentRefusedError:
             return False, []
         if not looks_like_tar(head):

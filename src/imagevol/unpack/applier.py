@@ -40,6 +40,7 @@ from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 
 from ..errors import ContentRefusedError, ImagevolError, UnsafeContentError, UsageError
+from ..fsutil import start_writeback
 from .compression import open_decompressed
 
 __all__ = ["ApplyOptions", "ApplyStats", "apply_layer"]
@@ -47,6 +48,8 @@ __all__ = ["ApplyOptions", "ApplyStats", "apply_layer"]
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: Writeback of a file being extracted is started every this many bytes (see fsutil.start_writeback).
+WRITEBACK_EVERY = 8 << 20
 BLOCK = 512
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -63,7 +66,8 @@ WHITEOUT_OPAQUE = ".wh..wh..opq"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_ZERO = memoryview(bytes(CHUNK))
+_ZERO_BYTES = bytes(CHUNK)
+_ZERO = memoryview(_ZERO_BYTES)
 _ZERO_BLOCK = bytes(BLOCK)
 # Latest mtime accepted (9999-12-31T23:59:59Z); earlier than the epoch is clamped to the epoch.
 _MAX_MTIME_S = 253402300799
@@ -268,8 +272,10 @@ class _TarReader:
         n = min(n, self._remaining)
         if n <= 0:
             return b""
-        data = self._read_exact(n)
-        self._remaining -= n
+        data = self._f.read(n)  # as the stream hands it out: joining short reads would copy them
+        if not data:
+            raise _bad_tar("unexpected end of data")
+        self._remaining -= len(data)
         return data
 
     def drain(self) -> None:
@@ -799,13 +805,14 @@ class _Applier:
         try:
             self._mark(key, False)
             written = 0
+            flushed = 0
             hole = False
             while True:
                 chunk = tar.read_data(CHUNK)
                 if not chunk:
                     break
                 n = len(chunk)
-                if chunk == _ZERO[:n]:
+                if chunk[0] == 0 and chunk == (_ZERO_BYTES if n == CHUNK else _ZERO[:n]):
                     os.lseek(fd, n, os.SEEK_CUR)
                     hole = True
                 else:
@@ -814,6 +821,9 @@ class _Applier:
                         mv = mv[os.write(fd, mv) :]
                     hole = False
                 written += n
+                if written - flushed >= WRITEBACK_EVERY:
+                    start_writeback(fd, flushed, written - flushed)
+                    flushed = written
             if hole:
                 os.ftruncate(fd, written)
             self._fd_metadata(fd, e, False)

@@ -15,7 +15,7 @@ try:  # ISA-L inflates 1.5x faster than zlib here (docs/performance.md); zlib is
     from isal import isal_zlib as _inflate
 except ImportError:  # pragma: no cover - isal is a declared dependency
     _inflate = zlib  # type: ignore[assignment]
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -26,7 +26,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 COMPRESSIONS = ("gzip", "zstd", "none")
 
 # Compressed bytes read from the source at a time, and decompressed bytes handed out at a time.
-_IN_CHUNK = 1 << 16
+_IN_CHUNK = 1 << 20
 _OUT_CHUNK = 1 << 20
 # The ratio limit only applies beyond this much output: the first few KiB of any stream (a tar
 # header block of zeros, say) compress far better than the stream as a whole.
@@ -42,7 +42,7 @@ def sniff(head: bytes) -> str:
     return "none"
 
 
-class _Source(io.RawIOBase):
+class _Source:
     """The compressed input: bytes already peeked, then the caller's stream; counts what was read."""
 
     def __init__(self, f: BinaryIO) -> None:
@@ -58,41 +58,29 @@ class _Source(io.RawIOBase):
             self._head += more
         return self._head[:n]
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = len(b)
-        if n == 0:
-            return 0
+    def read_some(self, n: int = _IN_CHUNK) -> bytes:
+        """Up to `n` bytes (fewer at the end, b'' past it), as the caller's stream hands them out."""
         if self._head:
-            data = self._head[:n]
-            self._head = self._head[n:]
+            data, self._head = self._head[:n], self._head[n:]
         else:
             data = self._f.read(n)
-        if not data:
-            return 0
-        b[: len(data)] = data
         self.consumed += len(data)
-        return len(data)
-
-    def read_some(self, n: int = _IN_CHUNK) -> bytes:
-        buf = bytearray(n)
-        got = self.readinto(buf)
-        return bytes(buf[:got])
+        return data
 
 
-class _GzipReader(io.RawIOBase):
-    """gzip via zlib: multi-member streams, CRC/size checked, output bounded per call."""
+# Each decoder is a function `produce(n) -> bytes` that returns the next 1..n decompressed bytes, or
+# b'' at the end of the stream. The bytes the decompressor returns are handed out as they are: the
+# stream makes no copies of its own (layers are gigabytes; every copy is a pass over them).
+
+
+class _Gzip:
+    """gzip via zlib (ISA-L): multi-member streams, CRC/size checked, output bounded per call."""
 
     def __init__(self, src: _Source) -> None:
         self._src = src
         self._d = _inflate.decompressobj(16 + zlib.MAX_WBITS)
         self._tail = b""
         self._done = False
-
-    def readable(self) -> bool:
-        return True
 
     def _next_member(self) -> bool:
         """After a member ended: start the next one, or finish. Trailing zero padding is tolerated."""
@@ -117,9 +105,8 @@ class _GzipReader(io.RawIOBase):
             data = self._src.read_some()
         return False
 
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        want = len(b)
-        while not self._done and want:
+    def produce(self, want: int) -> bytes:
+        while not self._done:
             if self._d.eof and not self._next_member():
                 self._done = True
                 break
@@ -142,39 +129,55 @@ class _GzipReader(io.RawIOBase):
                     hint="the blob is not valid gzip; check the layer's media type",
                 ) from None
             if out:
-                b[: len(out)] = out
-                return len(out)
-        return 0
+                return out
+        return b""
 
 
-class _ZstdReader(io.RawIOBase):
+class _Zstd:
     """zstd via the `zstandard` package: all frames of the stream, output bounded per call."""
 
     def __init__(self, src: _Source) -> None:
         self._r = zstandard.ZstdDecompressor().stream_reader(
-            src, read_size=_IN_CHUNK, read_across_frames=True, closefd=False
+            _SourceFile(src), read_size=_IN_CHUNK, read_across_frames=True, closefd=False
         )
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+    def produce(self, want: int) -> bytes:
         try:
-            data = self._r.read(len(b))
+            return self._r.read(want)
         except zstandard.ZstdError as e:
             raise ContentRefusedError(
                 f"zstd layer stream is corrupt: {e}",
                 hint="the blob is not valid zstd; check the layer's media type",
             ) from None
+
+
+class _SourceFile(io.RawIOBase):
+    """A _Source as the file object `zstandard` reads from."""
+
+    def __init__(self, src: _Source) -> None:
+        self._src = src
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        return self._src.read_some(_IN_CHUNK if n is None or n < 0 else n)
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._src.read_some(len(b))
         b[: len(data)] = data
         return len(data)
 
 
-class _Limited(io.RawIOBase):
-    """Counts decompressed output and refuses a stream beyond `max_size` or `max_ratio`."""
+class DecompressedStream(io.RawIOBase):
+    """The decompressed bytes of a layer blob, with the decompression-bomb limits applied.
 
-    def __init__(self, inner: io.RawIOBase, src: _Source, max_ratio: float | None, max_size: int | None) -> None:
-        self._inner = inner
+    ``read(n)`` returns between 1 and ``n`` bytes (fewer than asked is not the end; b'' is), the
+    contract of a raw stream, without copying what the decompressor produced.
+    """
+
+    def __init__(self, produce: Any, src: _Source, max_ratio: float | None, max_size: int | None) -> None:
+        self._produce = produce
         self._src = src
         self._max_ratio = max_ratio
         self._max_size = max_size
@@ -183,10 +186,25 @@ class _Limited(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, n: int | None = -1) -> bytes:  # type: ignore[override]
+        if n is None or n < 0:
+            parts = []
+            while data := self.read(_OUT_CHUNK):
+                parts.append(data)
+            return b"".join(parts)
+        if n == 0:
+            return b""
+        data = self._produce(n)
+        if data:
+            self._count(len(data))
+        return data
+
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self._inner.readinto(b)
-        if not n:
-            return 0
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def _count(self, n: int) -> None:
         self.produced += n
         if self._max_size is not None and self.produced > self._max_size:
             raise ContentRefusedError(
@@ -201,7 +219,6 @@ class _Limited(io.RawIOBase):
                 hint="raise the limit (`imagevol mount --max-ratio`, 0 for none; max_ratio in the API) "
                 "if the content is trusted",
             )
-        return n
 
 
 def open_decompressed(
@@ -225,17 +242,16 @@ def open_decompressed(
     src = _Source(f)
     if compression is None:
         compression = sniff(src.peek_head(4))
-    inner: io.RawIOBase
+    produce: Any
     if compression == "gzip":
-        inner = _GzipReader(src)
+        produce = _Gzip(src).produce
     elif compression == "zstd":
-        inner = _ZstdReader(src)
+        produce = _Zstd(src).produce
     elif compression == "none":
-        inner = src
+        produce = src.read_some
     else:
         raise ContentRefusedError(
             f"unsupported layer compression {compression!r}",
             hint="supported: " + ", ".join(COMPRESSIONS),
         )
-    limited = _Limited(inner, src, max_ratio, max_size)
-    return io.BufferedReader(limited, buffer_size=_OUT_CHUNK)  # type: ignore[return-value]
+    return DecompressedStream(produce, src, max_ratio, max_size)  # type: ignore[return-value]
