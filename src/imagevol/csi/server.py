@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import wrappers_pb2
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import ImagevolError, UsageError
 from . import csi_pb2 as pb
 from . import csi_pb2_grpc as pb_grpc
 from .attrs import VolumeSpec, check_capability, parse_attributes
@@ -98,7 +98,7 @@ class _Rpc:
         except Exception as e:
             exc = e
             code, message = code_for(e), message_for(e, self.spec)
-            if code == grpc.StatusCode.INTERNAL and not isinstance(e, OSError):
+            if code == grpc.StatusCode.INTERNAL and not isinstance(e, OSError | ImagevolError):
                 log.exception("%s volume=%s: unexpected error", self.method, self.volume_id or "-")
         seconds = time.monotonic() - t0
         first = message.splitlines()[0] if message else ""
