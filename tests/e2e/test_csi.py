@@ -614,6 +614,7 @@ def test_restart_between_publish_and_unpublish(env: Env, content: Content, proxy
     assert p.stop(signal.SIGTERM) == 0
     assert not p.sock.exists(), "a stopped plugin removes its socket"
     assert str(target) in mountpoints(), "volumes outlive the plugin"
+    p.extra = ("--platform", "linux/arm64")  # the node's list changed meanwhile: its volumes stay
     p.start()
     assert p.identity.Probe(pb.ProbeRequest(), timeout=5).ready.value is True
     assert p.metric("imagevol_volumes") == 1  # re-discovered from the records

@@ -57,6 +57,7 @@ class VolumeSpec:
     policy: str
     pull_policy: str
     subpath: str | None
+    platform_attr: str = ""  # the `platform` attribute as given ("": the plugin's --platform list)
 
     @property
     def ref_key(self) -> str:
@@ -116,7 +117,7 @@ def parse_attributes(context: Mapping[str, str], default_platforms: list[Platfor
                 hint="a sub path is relative to the volume root and cannot leave it",
             )
         subpath = "/".join(parts) or None
-    return VolumeSpec(image, ref, tuple(platforms), policy, pull_policy, subpath)
+    return VolumeSpec(image, ref, tuple(platforms), policy, pull_policy, subpath, spec)
 
 
 def check_capability(cap: pb.VolumeCapability | None, readonly: bool) -> None:

@@ -282,7 +282,7 @@ class Publisher:
             same = (
                 doc.get("image") == spec.image
                 and (doc.get("subPath") or None) == spec.subpath
-                and doc.get("platforms") == [str(p) for p in spec.platforms]
+                and (doc.get("platform") or "") == spec.platform_attr  # the attribute, not --platform
                 and doc.get("platformPolicy") == spec.policy
             )
             what = doc.get("image")
@@ -431,7 +431,8 @@ class Publisher:
                 "image": spec.image,
                 "reference": res.reference,
                 "digest": str(res.digest),
-                "platforms": [str(p) for p in spec.platforms],
+                "platform": spec.platform_attr,  # as the pod gave it: a restart with other --platform flags
+                "platforms": [str(p) for p in spec.platforms],  # keeps its volumes
                 "platformPolicy": spec.policy,
                 "pullPolicy": spec.pull_policy,
                 "subPath": spec.subpath,
