@@ -434,6 +434,7 @@ def test_read_only_modes_and_read_only_flag_publish(env: Env, content: Content, 
     p = env.plugin
     ref = content.small.ref(registry.host)
     t1, t2 = env.target("a"), env.target("b")
+    t2.mkdir()  # older kubelets made the target directory themselves
     p.node.NodePublishVolume(publish_request("csi-a", t1, {"image": ref}, readonly=True), timeout=60)
     req = publish_request("csi-b", t2, {"image": ref}, readonly=False, mode=Mode.MULTI_NODE_READER_ONLY)
     p.node.NodePublishVolume(req, timeout=60)
@@ -444,6 +445,7 @@ def test_read_only_modes_and_read_only_flag_publish(env: Env, content: Content, 
             (t / "new").write_bytes(b"x")
     unpublish(p, "csi-a", t1)
     unpublish(p, "csi-b", t2)
+    assert not t1.exists() and not t2.exists(), "the kubelet expects the target gone"
 
 
 # --------------------------------------------------------------------------- deadlines
