@@ -33,7 +33,10 @@ from .status import Pending, code_for, message_for
 
 log = logging.getLogger("imagevol.csi")
 
-RPC_WORKERS = 32
+RPC_WORKERS = 64
+# Publishes that may wait for their job at once; the other workers stay free for Probe, unpublish
+# and the rest (a publish beyond this answers "pending" at once, after starting its job).
+MAX_WAITING_PUBLISHES = RPC_WORKERS - 8
 SHUTDOWN_GRACE = 5.0
 MOUNT_GRACE = 10.0
 _DRIVER_NAME_MAX = 63
@@ -144,6 +147,7 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, publisher: Publisher) -> None:
         self.publisher = publisher
         self.metrics = publisher.metrics
+        self._waiting = threading.BoundedSemaphore(MAX_WAITING_PUBLISHES)
 
     def _publish_done(self, code: grpc.StatusCode, exc: Any) -> None:
         if code == grpc.StatusCode.OK:
@@ -169,13 +173,18 @@ class NodeService(pb_grpc.NodeServicer):
             cap = request.volume_capability if request.HasField("volume_capability") else None
             check_capability(cap, request.readonly)
             rpc.spec = parse_attributes(dict(request.volume_context), self.publisher.config.platforms)
-            self.publisher.publish(
-                request.volume_id,
-                request.target_path,
-                rpc.spec,
-                secrets=dict(request.secrets),
-                timeout=_budget(context),
-            )
+            may_wait = self._waiting.acquire(blocking=False)
+            try:
+                self.publisher.publish(
+                    request.volume_id,
+                    request.target_path,
+                    rpc.spec,
+                    secrets=dict(request.secrets),
+                    timeout=_budget(context) if may_wait else 0.0,
+                )
+            finally:
+                if may_wait:
+                    self._waiting.release()
             return pb.NodePublishVolumeResponse()
         raise AssertionError("unreachable")
 
