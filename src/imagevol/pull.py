@@ -176,6 +176,30 @@ class _PrefixHasher:
         os.close(self._fd)
 
 
+def _stripes(gaps: list[tuple[int, int]], n: int, min_part: int) -> list[tuple[int, int]]:
+    """Cut what is missing of a blob into at most `n` contiguous stripes of about equal size (none
+    under `min_part` bytes), one per stream. Streams writing far apart in the file are cheaper
+    for the kernel than streams writing side by side (bench: sys time 1.1-1.3 s against 1.4-3.0 s
+    for 2 GiB in four streams, docs/performance.md). A stripe that crosses a gap of completed
+    bytes (a resumed ingest) becomes one range per side."""
+    total = sum(e - s for s, e in gaps)
+    if total <= 0:
+        return []
+    k = max(1, min(n, total // max(1, min_part)))
+    step = -(-total // k)
+    out: list[tuple[int, int]] = []
+    budget = step
+    for s, e in gaps:
+        while s < e:
+            take = min(e - s, budget)
+            out.append((s, s + take))
+            s += take
+            budget -= take
+            if budget == 0:
+                budget = step
+    return out
+
+
 class _Fetcher:
     """Downloads blobs into the store: concurrent, ranged, resumable, verified."""
 
@@ -329,7 +353,7 @@ class _Fetcher:
         """Parallel ranged parts; a 200 to a Range request falls back to one stream. A cut part
         resumes from its last byte received."""
         assert isinstance(self.source, RegistrySource)
-        parts = ing.missing_ranges(self.part_size)
+        parts = _stripes(ing.missing_ranges(max(1, desc.size)), self.parts_per_blob, self.part_size)
         if not parts:
             return None
         source = self.source
