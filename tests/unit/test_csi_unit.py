@@ -287,3 +287,42 @@ def test_driver_names() -> None:
     for bad in ("", "-a", "a-", "a_b", "x" * 64, "csi/imagevol"):
         with pytest.raises(UsageError):
             validate_driver_name(bad)
+
+
+# --------------------------------------------------------------------------- publisher bookkeeping
+
+
+def test_failed_jobs_nobody_collects_are_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publish whose pull fails after its caller gave up keeps its failure for the retry only
+    for FAILED_RESULT_TTL; after that the job goes, so pods deleted meanwhile leave nothing behind."""
+    from imagevol.csi import publisher as pubmod
+    from imagevol.sources.registry import RegistryOptions
+    from tests.support.registry import free_port
+
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the pull fails at once
+    options = RegistryOptions(retries=0, connect_timeout=2, read_timeout=2)
+    pub = pubmod.Publisher(pubmod.PluginConfig(root=tmp_path / "store", node_id="n", platforms=NODE, options=options))
+    spec = parse_attributes({"image": f"{dead}/models/m:v1"}, NODE)
+    t1, t2 = tmp_path / "pods" / "a" / "mount", tmp_path / "pods" / "b" / "mount"
+    with pytest.raises(Pending):
+        pub.publish("vol-a", t1, spec, timeout=0)
+    job = pub._jobs[("vol-a", pubmod.canonical_target(t1))]
+    assert isinstance(job.future.exception(timeout=30), TransportError)
+    # Within the TTL the failure waits for the retry, which gets it (once).
+    with pytest.raises(Pending):
+        pub.publish("vol-b", t2, spec, timeout=0)
+    assert ("vol-a", pubmod.canonical_target(t1)) in pub._jobs
+    with pytest.raises(TransportError):
+        pub.publish("vol-a", t1, spec, timeout=5)
+    assert ("vol-a", pubmod.canonical_target(t1)) not in pub._jobs
+    # vol-b's failure is never collected: past the TTL the next publish sweeps it away.
+    job_b = pub._jobs[("vol-b", pubmod.canonical_target(t2))]
+    job_b.future.exception(timeout=30)
+    monkeypatch.setattr(pubmod, "FAILED_RESULT_TTL", 0.0)
+    t3 = tmp_path / "pods" / "c" / "mount"
+    with pytest.raises(Pending):
+        pub.publish("vol-c", t3, spec, timeout=0)
+    assert ("vol-b", pubmod.canonical_target(t2)) not in pub._jobs
+    pub._jobs[("vol-c", pubmod.canonical_target(t3))].future.exception(timeout=30)  # no thread left running
+    assert not pub._pulls
+    assert not t1.exists() and not t2.exists() and not t3.exists()

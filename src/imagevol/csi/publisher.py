@@ -7,7 +7,8 @@ deadline. A job not done by then keeps running and the call ends with :class:`Pe
 ABORTED, "operation pending"); the caller's retry attaches to the same job, so a pull that outlives
 any one deadline is neither restarted nor duplicated. A finished job's failure is delivered once, to
 the call waiting for it or else to the next retry (within :data:`FAILED_RESULT_TTL`); the retry after
-that starts a new attempt. A successful job leaves a mounted volume, which answers every later
+that starts a new attempt. A failure nobody collects within that time is dropped (the pod is gone),
+so failed jobs do not pile up. A successful job leaves a mounted volume, which answers every later
 retry at once.
 
 Shared pulls. Jobs pull through a table of pulls keyed by (reference, platforms, platform policy,
@@ -18,8 +19,10 @@ volumes made from it; the lease goes when the last job using the pull has made i
 with the process, if it dies).
 
 References. A reference the plugin pulled that was not in the store before is marked as the
-plugin's (``R/csi/refs/``): when its last volume is unpublished the plugin forgets the reference,
-so ``imagevol gc`` can reclaim the content. References pulled by hand (``imagevol pull``) stay.
+plugin's (``R/csi/refs/``): when its last volume is unpublished, or a publish ends without a volume
+(unpublished while pulling, a missing subPath) and no other volume uses it, the plugin forgets the
+reference, so ``imagevol gc`` can reclaim the content. References pulled by hand (``imagevol
+pull``) stay.
 
 Records. Each published volume has the store's volume record (target, manifest, lease) and a small
 CSI record (``R/csi/volumes/<hash of target>.json``: volume id and attributes). On start the plugin
@@ -28,9 +31,14 @@ dropped, half-made volumes of a killed plugin are undone, and the plugin's refer
 volume left are forgotten. A publish retry for a target that is already mounted answers at once;
 unpublish works from the records, whichever process published.
 
+Volume ids. A target holds one volume id: a publish of another id at a target that holds a volume
+is refused (ALREADY_EXISTS), and an unpublish naming another id than the one published there
+leaves the volume alone (the spec's answer for a volume that is not published there: OK).
+
 Unpublish during publish. A job still pulling is cancelled (it will not mount; the pull itself
-finishes for the store and its other users) and the call goes on at once; a job in its short
-mounting step is waited for, then its volume is unmounted.
+finishes for the store and its other users, and a job cancelled before its pull started does not
+start it) and the call goes on at once; a job in its short mounting step is waited for, then its
+volume is unmounted.
 """
 
 from __future__ import annotations
@@ -84,7 +92,7 @@ class SharedPull:
     started: float = field(default_factory=time.monotonic)
     total: int = 0
     downloaded: int = 0
-
+    jobs: list[Job] = field(default_factory=list)  # the jobs waiting on it (under Publisher._mu)
     running: bool = False
 
     def progress_text(self) -> str:
@@ -269,8 +277,9 @@ class Publisher:
 
     # ---- publish
 
-    def existing(self, target: Path, spec: VolumeSpec) -> Volume | None:
-        """The volume already mounted at `target` if it is this spec's; Conflict if another's."""
+    def existing(self, target: Path, spec: VolumeSpec, volume_id: str | None = None) -> Volume | None:
+        """The volume already mounted at `target` if it is this spec's (and, given `volume_id`, this
+        volume's); Conflict if another's."""
         rec = self.store.meta.get_volume_by_target(os.fspath(target))
         if rec is None:
             return None
@@ -278,6 +287,12 @@ class Publisher:
         if not mounted:
             return None
         doc = _read_json(self._record_path(target))
+        if doc is not None and volume_id is not None and doc.get("volumeId") not in (None, volume_id):
+            raise Conflict(
+                f"target {target} already holds volume {doc.get('volumeId')} ({doc.get('image')}); "
+                f"this request publishes volume {volume_id} there",
+                hint="each volume needs a target of its own; unpublish the other volume first",
+            )
         if doc is not None:
             same = (
                 doc.get("image") == spec.image
@@ -310,12 +325,13 @@ class Publisher:
         work outlives `timeout` seconds (None: wait until done)."""
         self.ensure_started()
         tgt = canonical_target(target)
-        found = self.existing(tgt, spec)
+        found = self.existing(tgt, spec, volume_id)
         if found is not None:
             return found
         key = (volume_id, tgt)
         now = time.monotonic()
         with self._mu:
+            self._sweep_locked(now)
             job = self._jobs.get(key)
             if job is not None and job.future.done():
                 stale = job.future.exception() is None or (now - (job.done_at or now)) > FAILED_RESULT_TTL
@@ -357,6 +373,12 @@ class Publisher:
                     del self._jobs[key]
             raise
 
+    def _sweep_locked(self, now: float) -> None:
+        """Drop finished jobs whose failure nobody collected within FAILED_RESULT_TTL (under _mu)."""
+        for key, job in list(self._jobs.items()):
+            if job.future.done() and job.done_at is not None and now - job.done_at > FAILED_RESULT_TTL:
+                del self._jobs[key]
+
     def _options_for(self, spec: VolumeSpec, secrets: dict[str, str]) -> RegistryOptions:
         base = self.config.options
         lookup = registry_credentials(secrets, spec.ref, base.authfile)
@@ -373,11 +395,14 @@ class Publisher:
 
     def _run_job(self, job: Job, options: RegistryOptions, creds_key: str) -> None:
         shared: SharedPull | None = None
+        res: PullResult | None = None
         vol: Volume | None = None
         error: BaseException | None = None
         try:
+            if job.cancelled:  # unpublished before it started: no pull for nobody
+                raise Cancelled(f"volume {job.volume_id} was unpublished before its pull started")
             job.state = "pulling"
-            shared = self._attach_pull(job.spec, options, creds_key)
+            shared = self._attach_pull(job, options, creds_key)
             job.pull = shared
             res = shared.future.result()
             with job.lock:
@@ -396,11 +421,18 @@ class Publisher:
             # The pull's lease goes before anyone hears of the outcome: once the caller knows, gc
             # sees only what the volume holds.
             if shared is not None:
-                self._release_pull(shared)
+                self._release_pull(shared, job)
         job.state = "done"
         job.done_at = time.monotonic()
         if error is not None:
             job.future.set_exception(error)
+            if res is not None:
+                # The pull may have made the plugin's reference, and no volume holds it: forget it
+                # (if nothing else uses it), or gc could never reclaim the content.
+                try:
+                    self._forget_ref_if_unused(res.reference)
+                except Exception as e:
+                    log.warning("cannot release %s after the failed publish: %s", res.reference, e)
             return
         with self._mu:
             if self._jobs.get((job.volume_id, job.target)) is job:
@@ -445,7 +477,8 @@ class Publisher:
 
     # ---- shared pulls
 
-    def _attach_pull(self, spec: VolumeSpec, options: RegistryOptions, creds_key: str) -> SharedPull:
+    def _attach_pull(self, job: Job, options: RegistryOptions, creds_key: str) -> SharedPull:
+        spec = job.spec
         key = (spec.ref_key, spec.platforms, spec.policy, spec.pull_policy, creds_key)
         with self._mu:
             sp = self._pulls.get(key)
@@ -454,11 +487,14 @@ class Publisher:
                 self._pulls[key] = sp
                 threading.Thread(target=self._run_pull, args=(sp, spec, options), name="csi-pull", daemon=True).start()
             sp.users += 1
+            sp.jobs.append(job)
             return sp
 
-    def _release_pull(self, sp: SharedPull) -> None:
+    def _release_pull(self, sp: SharedPull, job: Job) -> None:
         with self._mu:
             sp.users -= 1
+            with contextlib.suppress(ValueError):
+                sp.jobs.remove(job)
             drop = sp.users == 0 and sp.future.done()
             if drop and self._pulls.get(sp.key) is sp:
                 del self._pulls[sp.key]
@@ -484,6 +520,14 @@ class Publisher:
                 self.metrics.pull_bytes.inc(ev.n)
 
         with self._pull_slots:
+            with self._mu:
+                # Every volume that wanted it was unpublished while it waited for a slot.
+                abandoned = bool(sp.jobs) and all(j.cancelled for j in sp.jobs)
+                if abandoned and self._pulls.get(sp.key) is sp:
+                    del self._pulls[sp.key]
+            if abandoned:
+                sp.future.set_exception(Cancelled(f"the pull of {spec.image} was not started: no volume wants it"))
+                return
             sp.started = time.monotonic()
             sp.running = True
             try:
@@ -538,6 +582,14 @@ class Publisher:
         self.ensure_started()
         tgt = canonical_target(target)
         key = (volume_id, tgt)
+        record = _read_json(self._record_path(tgt))
+        if record is not None and record.get("volumeId") not in (None, volume_id):
+            # Another volume is published there: this one is not, and that one is not ours to undo.
+            log.warning(
+                "unpublish of volume %s at %s: the target holds volume %s; left in place",
+                volume_id, tgt, record.get("volumeId"),
+            )  # fmt: skip
+            return False
         with self._mu:
             job = self._jobs.get(key)
         if job is not None:
@@ -548,7 +600,7 @@ class Publisher:
             with self._mu:
                 if self._jobs.get(key) is job:
                     del self._jobs[key]
-        record = _read_json(self._record_path(tgt))
+            record = _read_json(self._record_path(tgt))  # the job may just have written it
         ref_key: str | None = None
         try:
             vol = remove_volume(self.store, tgt)
