@@ -211,8 +211,15 @@ def rpc_error(call, *args, **kw) -> grpc.RpcError:
     return ei.value
 
 
-def publish_until_ok(plugin: Plugin, req: pb.NodePublishVolumeRequest, deadline: float, limit: float = 90) -> int:
-    """Call as the kubelet does until the publish succeeds; returns the number of calls."""
+def publish_until_ok(
+    plugin: Plugin,
+    req: pb.NodePublishVolumeRequest,
+    deadline: float,
+    limit: float = 90,
+    errors: list[grpc.RpcError] | None = None,
+) -> int:
+    """Call as the kubelet does until the publish succeeds; returns the number of calls (the
+    retryable errors on the way are appended to `errors`)."""
     calls = 0
     end = time.monotonic() + limit
     while True:
@@ -223,6 +230,8 @@ def publish_until_ok(plugin: Plugin, req: pb.NodePublishVolumeRequest, deadline:
         except grpc.RpcError as e:
             assert e.code() in RETRYABLE, f"{e.code()}: {e.details()}"
             assert time.monotonic() < end, f"still pending after {limit} s"
+            if errors is not None:
+                errors.append(e)
             time.sleep(0.05)
 
 
@@ -462,8 +471,9 @@ def test_deadline_expires_mid_pull_then_retries_attach(env: Env, content: Conten
     t0 = time.monotonic()
     first = rpc_error(p.node.NodePublishVolume, req, timeout=0.5)
     assert first.code() in RETRYABLE
-    assert time.monotonic() - t0 < 1.5
-    calls = 1 + publish_until_ok(p, req, deadline=0.5)
+    assert time.monotonic() - t0 < 5  # answered at its deadline, not after the pull
+    errors = [first]
+    calls = 1 + publish_until_ok(p, req, deadline=0.5, errors=errors)
     assert calls >= 3, "the pull should have outlived several deadlines"
     assert files_under(target) == img.files
     assert target in {Path(m) for m in mountpoints()}
@@ -477,10 +487,12 @@ def test_deadline_expires_mid_pull_then_retries_attach(env: Env, content: Conten
     assert p.metric("imagevol_volumes") == 1
     assert p.metric("imagevol_pull_duration_seconds_count") == 1
     assert p.metric("imagevol_publish_duration_seconds_count") == 1
-    # The aborted answers say what is going on.
-    aborted = [e for e in [first] if e.code() == grpc.StatusCode.ABORTED]
+    # The plugin answers "pending" shortly before the deadline (a loaded machine may deliver an
+    # answer late, then the caller sees DEADLINE_EXCEEDED), saying what is going on.
+    aborted = [e for e in errors if e.code() == grpc.StatusCode.ABORTED]
     for e in aborted:
-        assert "pulling" in e.details() or "resolving" in e.details() or "queued" in e.details()
+        assert "csi-deadline" in e.details() and "the work goes on" in e.details(), e.details()
+        assert any(w in e.details() for w in ("pulling", "resolving", "queued", "waiting", "mounting")), e.details()
     unpublish(p, "csi-deadline", target)
     assert p.metric("imagevol_volumes") == 0
 
