@@ -373,7 +373,7 @@ def test_digest_only_mirror(registry: Registry, tmp_path: Path) -> None:
             r = by_digest.pull(art.by_digest(origin.host), "--registries-conf", str(conf), "--json", "--retries", "0")
             _ok(r)
             assert json.loads(r.stdout)["digest"] == art.digest
-            assert [q.status for q in mp.requests if q.path.endswith(f"/manifests/{art.digest}")][:1] == [200]
+            assert [q.status for q in mp.requests if q.bare_path.endswith(f"/manifests/{art.digest}")][:1] == [200]
             for d, n in art.blobs.items():
                 assert mp.bytes_for(d) == n
                 by_digest.assert_blob(d, n)
@@ -381,6 +381,59 @@ def test_digest_only_mirror(registry: Registry, tmp_path: Path) -> None:
     finally:
         origin.stop()
         mirror.stop()
+
+
+def test_mirror_requests_carry_ns(registry: Registry, token_registry: Registry, cli: Cli, tmp_path: Path) -> None:
+    """containerd's `ns` query parameter: every manifest and blob request to a mirror names the
+    registry the reference is for (``ns=ORIGIN-HOST``), so a mirror serving several registries
+    (Spegel, Dragonfly) knows where the content comes from. Requests to the registry itself, to
+    the mirror's token service and to the host a blob is redirected to carry none. The mirror
+    here is a real docker-registry 2.8 behind token auth, which ignores the parameter."""
+    tag = os.urandom(3).hex()
+    files = {"config.json": b"{}", "w.bin": os.urandom(2 * MiB)}
+    art = push_artifact(oci.Client(registry), f"ns-{tag}/models/m", files)
+    copy = push_artifact(oci.Client(token_registry), f"cache/ns-{tag}/models/m", files)
+    assert copy.digest == art.digest
+    only_origin = push_artifact(oci.Client(registry), f"ns-{tag}/models/o", {"o.bin": os.urandom(100_000)})
+    big = max(art.blobs, key=lambda d: art.blobs[d])
+    user, password = next(iter(token_registry.users.items()))
+    ts = token_registry.token_server
+    assert ts is not None
+    with Proxy(registry.url) as op, Proxy(token_registry.url) as mp:
+        conf = tmp_path / "registries.conf"
+        conf.write_text(
+            f'[[registry]]\nprefix = "{op.host}/ns-{tag}/models"\nlocation = "{op.host}/ns-{tag}/models"\n\n'
+            f'[[registry.mirror]]\nlocation = "{mp.host}/cache/ns-{tag}/models"\n'
+        )
+        auth = _authfile(tmp_path / "auth.json", mp.host, user, password)
+        mp.fault = Fault(redirect_to_other_host=True, match=big)  # the mirror sends the big blob elsewhere
+        r = cli.pull(art.ref(op.host), "--registries-conf", str(conf), "--authfile", str(auth), "--json")
+        _ok(r)
+        assert mp.host in json.loads(r.stdout)["source"]
+        for d, n in art.blobs.items():
+            cli.assert_blob(d, n)
+        api = [q for q in mp.requests if "/manifests/" in q.bare_path or "/blobs/" in q.bare_path]
+        assert {q.bare_path.rsplit("/", 1)[-1] for q in api} >= {"v1", *art.blobs}
+        for q in api:
+            assert q.query == {"ns": [op.host]}, q
+        assert 401 in {q.status for q in api}, "the mirror asked for a token"
+        assert 302 in {q.status for q in api}, "the mirror redirected the big blob"
+        # The redirect target and the token service get no `ns`; the token still works.
+        assert mp.side.requests and all(urlsplit(path).query == "" for path, _ in mp.side.requests)
+        tokens = [t for t in ts.requests if any(f"cache/ns-{tag}/" in s for s in t.get("scopes", []))]
+        assert tokens and all(t["ok"] for t in tokens)
+        assert all("ns" not in t["query"] for t in tokens), tokens
+        assert not op.requests, "the mirror had everything"
+        # Content the mirror lacks: the mirror is asked (with `ns`), then the registry (without).
+        r = cli.pull(only_origin.ref(op.host), "--registries-conf", str(conf), "--authfile", str(auth), "--json")
+        _ok(r)
+        assert op.host in json.loads(r.stdout)["source"]
+        missed = [q for q in mp.requests if "/models/o/manifests/" in q.bare_path]
+        assert missed and all(q.query == {"ns": [op.host]} for q in missed)
+        assert 404 in {q.status for q in missed}
+        assert op.requests and all(q.query == {} for q in op.requests), op.requests
+        assert {q.bare_path.rsplit("/", 1)[-1] for q in op.requests} >= {"v1", *only_origin.blobs}
+    cli.fsck_ok()
 
 
 # --------------------------------------------------------------------------- resume and concurrency

@@ -4,7 +4,8 @@
 to the registry, streaming bodies in chunks (nothing is buffered whole, so a 1 GiB blob passes
 through in constant memory). It counts the response body bytes it hands to clients, per request
 path and in total (``bytes_for(digest)``, ``bytes_total``), and logs every request
-(``requests``: ``Req(method, path, range, status)``; ``auth_log``: ``(path, had Authorization)``).
+(``requests``: ``Req(method, path, range, status)``, ``path`` as requested, query string included;
+``req.bare_path`` and ``req.query`` split it; ``auth_log``: ``(path, had Authorization)``).
 
 Faults are set at runtime with ``proxy.fault = Fault(...)`` (``None`` for none), each optionally
 limited to requests whose path contains ``match`` (a digest or a path fragment), to one method,
@@ -47,7 +48,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 CHUNK = 1 << 20
 MAX_STALL = 30.0
@@ -79,9 +80,19 @@ def _loopback(host: str) -> str:
 
 class Req(NamedTuple):
     method: str
-    path: str
+    path: str  # as requested: the query string included
     range: str | None
     status: int
+
+    @property
+    def bare_path(self) -> str:
+        """The path without its query string."""
+        return urlsplit(self.path).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The query string's parameters (``{"ns": ["docker.io"]}``); empty without one."""
+        return parse_qs(urlsplit(self.path).query, keep_blank_values=True)
 
 
 @dataclass
@@ -389,7 +400,7 @@ class Proxy:
                 and self._consume(f)
             ):
                 key = secrets.token_hex(8)
-                digest = path.rsplit("/", 1)[-1]
+                digest = urlsplit(path).path.rsplit("/", 1)[-1]
                 with self._mu:
                     self._presigned[key] = (path, {k: v for k, v in headers if k.lower() == "authorization"})
                 location = f"{self.side.url}/presigned/{key}/{digest}"

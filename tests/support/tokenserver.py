@@ -275,7 +275,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _finish(self, ok: bool, user: str | None, service: str | None, scopes: list[str], offline: bool) -> None:
         ts = self.token_server
-        entry = {"method": "GET", "user": user, "ok": ok, "service": service, "scopes": scopes}
+        entry = {
+            "method": "GET",
+            "user": user,
+            "ok": ok,
+            "service": service,
+            "scopes": scopes,
+            "query": sorted(parse_qs(urlsplit(self.path).query, keep_blank_values=True)),  # parameter names
+        }
         with ts._lock:
             ts.requests.append(entry)
         if not ok:

@@ -618,3 +618,62 @@ def test_tls_material_explicit_dir(tmp_path: Path, home: Path) -> None:
     assert tls_material("anything", certs_dir=str(d)).ca_files == [d / "ca.crt"]
     with pytest.raises(UsageError, match="missing-dir"):
         tls_material("anything", certs_dir=str(tmp_path / "missing-dir"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The `ns` query parameter sent to mirrors (containerd's convention)
+
+
+def test_mirrors_get_the_reference_registry_as_ns(tmp_path: Path) -> None:
+    from imagevol.reference import parse_reference
+    from imagevol.sources.factory import pull_hosts, registry_endpoints
+    from imagevol.sources.registry import RegistryClient, RegistryEndpoint, RegistryOptions, Transport
+
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        textwrap.dedent(
+            """
+            [[registry]]
+            prefix = "docker.io"
+            location = "docker.io"
+            [[registry.mirror]]
+            location = "127.0.0.1:30020"
+            insecure = true
+            [[registry.mirror]]
+            location = "registry-1.docker.io/hub"
+            [[registry]]
+            prefix = "ghcr.io/models"
+            location = "ghcr.io/models"
+            [[registry.mirror]]
+            location = "cache.example.com/ghcr"
+            """
+        )
+    )
+    # Endpoints only: nothing here opens a connection.
+    options = RegistryOptions(registries_conf=str(conf))
+    hub, insecure = pull_hosts(parse_reference("index.docker.io/library/ubuntu:24.04"), options)
+    assert hub == [
+        RegistryEndpoint("127.0.0.1:30020", "library/ubuntu", "docker.io"),  # Docker Hub is docker.io
+        RegistryEndpoint("registry-1.docker.io", "hub/library/ubuntu", None),  # on the registry's own host
+        RegistryEndpoint("registry-1.docker.io", "library/ubuntu", None),  # the registry itself
+    ]
+    assert insecure == frozenset({"127.0.0.1:30020"})
+    ghcr, _ = pull_hosts(parse_reference("ghcr.io/models/llama@sha256:" + "a" * 64), options)
+    assert [e.namespace for e in ghcr] == ["ghcr.io", None]
+    # Without registries.conf entries: the registry alone, no `ns`.
+    (own,), _ = pull_hosts(parse_reference("quay.io/a/b:c"), options)
+    assert own == RegistryEndpoint("quay.io", "a/b", None)
+    # The older pair form (used by the push side) is unchanged.
+    assert registry_endpoints(parse_reference("ghcr.io/models/m:v1"), options)[0] == [
+        ("cache.example.com", "ghcr/m"),
+        ("ghcr.io", "models/m"),
+    ]
+    # The query goes on every URL of a mirror client (after a query the path has), and nowhere
+    # else. (Hosts neither insecure nor loopback are https without a probe: no connection.)
+    t = Transport(RegistryOptions())
+    mirror = RegistryClient(t, "cache.example.com", "library/ubuntu", namespace="docker.io")
+    assert mirror.url("manifests/24.04") == "https://cache.example.com/v2/library/ubuntu/manifests/24.04?ns=docker.io"
+    assert mirror.url("blobs/uploads/?digest=x").endswith("/blobs/uploads/?digest=x&ns=docker.io")
+    port = RegistryClient(t, "cache.example.com", "m", namespace="localhost:5000")
+    assert port.url("blobs/sha256:00").endswith("?ns=localhost%3A5000")  # encoded as containerd does
+    assert "ns=" not in RegistryClient(t, "ghcr.io", "models/m").url("manifests/v1")

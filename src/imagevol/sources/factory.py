@@ -9,24 +9,33 @@ from ..manifest import Descriptor, Index, Manifest
 from ..reference import LayoutReference, Reference, parse_any, parse_reference
 from .base import Source
 from .layout import LayoutSource
-from .registry import RegistryOptions, RegistrySource, Transport
+from .registry import RegistryEndpoint, RegistryOptions, RegistrySource, Transport
 
 
-def registry_endpoints(ref: Reference, options: RegistryOptions) -> tuple[list[tuple[str, str]], frozenset[str]]:
-    """(host, repository) pairs to try for `ref`, mirrors first, and the hosts marked insecure."""
+def pull_hosts(ref: Reference, options: RegistryOptions) -> tuple[list[RegistryEndpoint], frozenset[str]]:
+    """Where to pull `ref` from, mirrors first (each with the ``ns`` it is sent: the reference's
+    registry host), the registry itself last; and the hosts marked insecure."""
     from .regconf import is_insecure, load_registries_conf, pull_endpoints
 
     config = load_registries_conf(options.registries_conf)
     pairs = pull_endpoints(config, f"{ref.domain}/{ref.path}", by_digest=ref.digest is not None)
-    out: list[tuple[str, str]] = []
+    out: list[RegistryEndpoint] = []
     insecure: set[str] = set()
     for endpoint, repository in pairs:
         host, _, repo = repository.partition("/")
         api_host = "registry-1.docker.io" if host in ("docker.io", "index.docker.io") else host
-        out.append((api_host, repo))
+        # As containerd: a mirror on the registry's own host is the registry, not a proxy for it.
+        ns = ref.domain if endpoint.is_mirror and api_host != ref.api_domain else None
+        out.append(RegistryEndpoint(api_host, repo, ns))
         if endpoint.insecure or is_insecure(config, host):
             insecure.add(api_host)
     return out, frozenset(insecure)
+
+
+def registry_endpoints(ref: Reference, options: RegistryOptions) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """(host, repository) pairs to try for `ref`, mirrors first, and the hosts marked insecure."""
+    eps, insecure = pull_hosts(ref, options)
+    return [(e.host, e.repo) for e in eps], insecure
 
 
 def is_short_name(s: str) -> bool:
@@ -114,7 +123,7 @@ def open_source(
 
 
 def _registry_source(r: Reference, options: RegistryOptions, transport: Transport) -> RegistrySource:
-    endpoints, insecure = registry_endpoints(r, options)
+    endpoints, insecure = pull_hosts(r, options)
     if insecure - options.insecure_hosts:
         options.insecure_hosts = options.insecure_hosts | insecure
     return RegistrySource(r, transport, endpoints=endpoints)

@@ -6,6 +6,13 @@ anonymous / bearer-token / basic auth with token caching and refresh, retries wi
 429/5xx and resets (Retry-After honoured), redirects that never forward Authorization to another
 host, OCI error bodies turned into readable errors, Docker-Content-Digest verification and the
 4 MiB cap on manifests and configs.
+
+Mirrors. A request to a mirror of registries.conf (not to the registry itself) carries the query
+parameter ``ns=<registry host of the reference>`` (``ns=docker.io``, ``ns=ghcr.io``), as
+containerd adds it for the mirrors of its ``hosts.toml``: a mirror that serves several registries
+(Spegel, Dragonfly's dfdaemon, a pull-through cache) learns which one the request is for. Servers
+that do not know the parameter ignore it. It goes on manifest and blob requests only; token
+requests and redirect targets (blob storage, presigned URLs) never get it.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import urllib3
@@ -353,18 +360,39 @@ class Transport:
         return value
 
 
-class RegistryClient:
-    """Talks the distribution API to one registry host for one repository."""
+class RegistryEndpoint(NamedTuple):
+    """One place a :class:`RegistrySource` pulls from: a host and the repository there.
 
-    def __init__(self, transport: Transport, host: str, repo: str, actions: str = "pull") -> None:
+    ``namespace`` is set for a mirror: the registry host the reference names (``docker.io``,
+    ``ghcr.io``), sent to the mirror as ``?ns=`` (see the module docs). None for the registry itself.
+    """
+
+    host: str
+    repo: str
+    namespace: str | None = None
+
+
+class RegistryClient:
+    """Talks the distribution API to one registry host for one repository.
+
+    ``namespace``: for a mirror, the registry the content is for, added to every request's URL as
+    ``ns=NAMESPACE`` (containerd's convention; see the module docs)."""
+
+    def __init__(
+        self, transport: Transport, host: str, repo: str, actions: str = "pull", namespace: str | None = None
+    ) -> None:
         self.t = transport
         self.host = host
         self.repo = repo
+        self.namespace = namespace or None
         # `actions` is "pull", or "pull,push" for a client that pushes.
         self.scope = f"repository:{repo}:{actions}"
 
     def url(self, path: str) -> str:
-        return f"{self.t.scheme(self.host)}://{self.host}/v2/{self.repo}/{path}"
+        url = f"{self.t.scheme(self.host)}://{self.host}/v2/{self.repo}/{path}"
+        if self.namespace is None:
+            return url
+        return url + ("&" if "?" in path else "?") + urlencode({"ns": self.namespace})
 
     def request(
         self,
@@ -601,12 +629,14 @@ class RegistrySource:
         ref: Reference,
         transport: Transport | None = None,
         *,
-        endpoints: list[tuple[str, str]] | None = None,
+        endpoints: list[tuple[str, str]] | list[RegistryEndpoint] | None = None,
     ) -> None:
+        """`endpoints`: where to pull from, in order, the registry itself last; (host, repository)
+        pairs, or :class:`RegistryEndpoint` for mirrors that get ``?ns=``. Default: the registry."""
         self.ref = ref
         self.transport = transport or Transport()
-        eps = endpoints or [(ref.api_domain, ref.path)]
-        self.clients = [RegistryClient(self.transport, host, repo) for host, repo in eps]
+        eps = [RegistryEndpoint(*e) for e in (endpoints or [(ref.api_domain, ref.path)])]
+        self.clients = [RegistryClient(self.transport, e.host, e.repo, namespace=e.namespace) for e in eps]
         self.client = self.clients[-1]  # the origin (last endpoint)
         self._preferred: RegistryClient | None = None
 
