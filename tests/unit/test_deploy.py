@@ -29,7 +29,9 @@ import yaml
 
 from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_reference
+from imagevol.sources.factory import pull_hosts
 from imagevol.sources.regconf import load_registries_conf, pull_endpoints
+from imagevol.sources.registry import RegistryOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -639,6 +641,12 @@ def test_registries_conf_renders_and_has_the_p2p_mirrors(tmp_path: Path, node_ip
     # docker.io by tag: Dragonfly (which forwards tag lookups), then Docker Hub.
     hub = pull_endpoints(conf, "docker.io/ai/smollm2", by_digest=False)
     assert [e.location for e, _ in hub] == [f"{host}:4001", "docker.io"]
+    # The mirrors are told which registry a request is for (containerd's `ns`), the registries not.
+    options = RegistryOptions(registries_conf=str(rendered))
+    eps, _ = pull_hosts(parse_reference(f"{repo}@sha256:{'a' * 64}"), options)
+    assert [(e.host, e.namespace) for e in eps] == [(f"{host}:30020", "ghcr.io"), ("ghcr.io", None)]
+    eps, _ = pull_hosts(parse_reference("ai/smollm2:360M"), options)
+    assert [(e.host, e.namespace) for e in eps] == [(f"{host}:4001", "docker.io"), ("registry-1.docker.io", None)]
 
 
 def test_broken_registries_conf_stops_the_init_container(tmp_path: Path) -> None:
