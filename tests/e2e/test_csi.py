@@ -403,6 +403,26 @@ def test_probe_not_ready_until_the_store_is_usable(tmp_path: Path) -> None:
         shutil.rmtree(e.plugin.sock.parent, ignore_errors=True)
 
 
+def test_metrics_port_in_use_stops_the_plugin_clearly(tmp_path: Path) -> None:
+    import socket
+
+    cli = Imagevol(tmp_path / "store", tmp_path / "home")
+    sock = Path(tempfile.mkdtemp(prefix="ivcsi-", dir="/tmp")) / "csi.sock"
+    try:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            args = ("csi", "--endpoint", f"unix://{sock}", "--node-id", "n1", "--metrics-host", "127.0.0.1")
+            r = cli.run(*args, "--metrics-port", str(port), timeout=60)
+        assert r.returncode != 0
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in r.stderr and "--metrics-port" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert not sock.exists(), "the plugin must not leave a socket the registrar would find"
+    finally:
+        shutil.rmtree(sock.parent, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- refused requests
 
 

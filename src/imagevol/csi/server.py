@@ -247,6 +247,15 @@ def serve(
         publisher.start()
     except Exception as e:
         log.error("store %s is unusable (the plugin serves, Probe answers not ready): %s", config.root, e)
+    if metrics_port:  # first: a port in use stops the plugin before its socket exists
+        try:
+            metrics.serve(metrics_host, metrics_port)
+        except OSError as e:
+            raise UsageError(
+                f"cannot serve metrics on {metrics_host}:{metrics_port}: {e.strerror or e}",
+                hint="choose another --metrics-port (0 turns the endpoint off)",
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     _prepare_socket(sock)
     server = grpc.server(ThreadPoolExecutor(max_workers=RPC_WORKERS, thread_name_prefix="csi-rpc"))
     pb_grpc.add_IdentityServicer_to_server(IdentityService(publisher), server)
@@ -254,9 +263,6 @@ def serve(
     if server.add_insecure_port(f"unix://{sock}") == 0:
         raise UsageError(f"cannot listen on {sock}")
     server.start()
-    if metrics_port:
-        metrics.serve(metrics_host, metrics_port)
-        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
