@@ -832,3 +832,55 @@ def test_credentials_from_the_volume_secret(env: Env, basic_registry) -> None:
     p.node.NodePublishVolume(req, timeout=60)
     assert files_under(t2) == img.files
     unpublish(p, "csi-auth3", t2)
+
+
+@root_only
+def test_private_content_needs_the_volumes_own_credentials(env: Env, basic_registry) -> None:
+    """Content that one volume's secret pulled onto the node is not handed to a volume that may
+    not read it: served from the store, it is checked at the registry with the other volume's
+    credentials (pullPolicy never, which cannot ask, is refused), whatever name the reference
+    gives it."""
+    p = env.plugin
+    client = oci.Client(basic_registry)
+    img = _image(client, "tenant-a", {"w.bin": b"tenant A's private weights"})
+    ref = img.ref(basic_registry.host)
+    digest = oci.sha256_digest(client.get_manifest(img.repo, img.tag)[0])
+    user, password = next(iter(basic_registry.users.items()))
+    secret = {"username": user, "password": password}
+    ta = env.target("a")
+    p.node.NodePublishVolume(publish_request("csi-a", ta, {"image": ref}, secrets=secret), timeout=60)
+    assert files_under(ta) == img.files
+    # Without credentials, the content in the store is not enough: the registry says no.
+    tb = env.target("b")
+    for attrs, codes, needle in [
+        ({"image": ref}, (grpc.StatusCode.UNAUTHENTICATED,), "nodePublishSecretRef"),
+        ({"image": ref, "pullPolicy": "Never"}, (grpc.StatusCode.PERMISSION_DENIED,), "pullPolicy"),
+        # The same digest under another name on the same registry (no pull there ever).
+        (
+            {"image": f"{basic_registry.host}/csi/elsewhere@{digest}"},
+            (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND),
+            "",
+        ),
+    ]:
+        err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, attrs), timeout=30)
+        assert err.code() in codes, (attrs, err.code(), err.details())
+        assert needle in err.details()
+        assert not tb.exists() and str(tb) not in mountpoints()
+    wrong = {"username": user, "password": "not-the-password"}
+    err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, {"image": ref}, secrets=wrong), timeout=30)
+    assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    assert not tb.exists()
+    # The same credentials in another volume mount from the store, before and after a restart
+    # (which forgets which credentials were checked: they are checked once more).
+    tc = env.target("c")
+    p.node.NodePublishVolume(publish_request("csi-c", tc, {"image": ref}, secrets=secret), timeout=60)
+    assert files_under(tc) == img.files
+    p.stop()
+    p.start()
+    td = env.target("d")
+    p.node.NodePublishVolume(publish_request("csi-d", td, {"image": ref}, secrets=secret), timeout=60)
+    assert files_under(td) == img.files
+    err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, {"image": ref}), timeout=30)
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    for vid, t in (("csi-a", ta), ("csi-c", tc), ("csi-d", td)):
+        unpublish(p, vid, t)

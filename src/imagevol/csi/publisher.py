@@ -24,6 +24,18 @@ plugin's (``R/csi/refs/``): when its last volume is unpublished, or a publish en
 reference, so ``imagevol gc`` can reclaim the content. References pulled by hand (``imagevol
 pull``) stay.
 
+Private content. The store serves every pod on the node, and a pull with pullPolicy missing or
+never takes content already in the store without asking the registry (a digest reference even
+under any repository name). So content that a pull fetched with a volume's own secret
+(``nodePublishSecretRef``) is marked private (``R/csi/private/``, by root and manifest digest),
+and a publish served from the store whose credentials (the volume's secret, or none: the node's
+auth files) have not yet been seen to reach that content asks the registry again with them
+(pullPolicy always for that pull: one manifest request, no blob download). A registry that refuses
+fails the publish; pullPolicy never, which cannot ask, is refused. Which credentials were checked
+is kept in memory only (no hash of a secret is written to disk); after a restart each is checked
+once more. Content pulled without a volume secret (anonymously, or with the node's credentials)
+is not marked: node-wide credentials serve every pod by design.
+
 Records. Each published volume has the store's volume record (target, manifest, lease) and a small
 CSI record (``R/csi/volumes/<hash of target>.json``: volume id and attributes). On start the plugin
 reconciles records with the mount table: records of volumes whose mount is gone (a reboot) are
@@ -59,7 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ImagevolError, NotFoundError, StoreError
+from ..digest import Digest
+from ..errors import AuthError, ImagevolError, NotFoundError, StoreError
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
 from ..pull import ProgressEvent, PullResult, pull
@@ -174,6 +187,9 @@ class Publisher:
         self._start_mu = threading.Lock()
         self._started = False
         self._closing = False
+        # (root digest of private content, credentials key) pairs the registry was seen to allow.
+        self._verified: set[tuple[str, str]] = set()
+        self._secret_pulls = 0  # pulls with a volume's secret under way (under _mu)
 
     # ---- paths
 
@@ -190,6 +206,30 @@ class Publisher:
 
     def _ref_marker(self, ref_key: str) -> Path:
         return self._refs_dir / f"{_hash(ref_key)}.json"
+
+    @property
+    def _private_dir(self) -> Path:
+        return self.store.root / CSI_DIR / "private"
+
+    def _private_marker(self, digest: Digest) -> Path:
+        return self._private_dir / f"{digest.algorithm}-{digest.hex}.json"
+
+    def _is_private(self, res: PullResult) -> bool:
+        return any(self._private_marker(d).exists() for d in (res.root_digest, res.digest))
+
+    def _must_check(self, res: PullResult, creds_key: str) -> bool:
+        """Whether content served from the store must be checked at the registry with these
+        credentials: it is private (or another volume's secret pull, which may be about to mark
+        it, is under way) and these credentials have not been seen to reach it."""
+        if not res.offline or (str(res.root_digest), creds_key) in self._verified:
+            return False
+        with self._mu:
+            others = self._secret_pulls - (1 if creds_key else 0)
+        return others > 0 or self._is_private(res)
+
+    def _mark_private(self, res: PullResult) -> None:
+        for d in {res.root_digest, res.digest}:
+            _write_json(self._private_marker(d), {"digest": str(d), "reference": res.reference, "since": time.time()})
 
     # ---- lifecycle
 
@@ -219,6 +259,14 @@ class Publisher:
             if doc and isinstance(doc.get("ref"), str):
                 self._forget_ref_if_unused(doc["ref"])
             else:
+                path.unlink(missing_ok=True)
+        for path in sorted(self._private_dir.glob("*.json")) if self._private_dir.is_dir() else []:
+            doc = _read_json(path)
+            try:
+                gone = doc is None or not self.store.has_blob(Digest(str(doc.get("digest"))))
+            except Exception:
+                gone = True
+            if gone:  # reclaimed by gc: nothing left to protect
                 path.unlink(missing_ok=True)
         self.metrics.volumes.set(kept)
         log.info("store %s ready: %d volume(s) published by this plugin", self.store.root, kept)
@@ -485,7 +533,9 @@ class Publisher:
             if sp is None or (sp.future.done() and sp.future.exception() is not None):
                 sp = SharedPull(key, spec.image)
                 self._pulls[key] = sp
-                threading.Thread(target=self._run_pull, args=(sp, spec, options), name="csi-pull", daemon=True).start()
+                threading.Thread(
+                    target=self._run_pull, args=(sp, spec, options, creds_key), name="csi-pull", daemon=True
+                ).start()
             sp.users += 1
             sp.jobs.append(job)
             return sp
@@ -509,7 +559,7 @@ class Publisher:
             except Exception as e:  # it expires with the process anyway
                 log.warning("cannot remove lease %s: %s", lease, e)
 
-    def _run_pull(self, sp: SharedPull, spec: VolumeSpec, options: RegistryOptions) -> None:
+    def _run_pull(self, sp: SharedPull, spec: VolumeSpec, options: RegistryOptions, creds_key: str) -> None:
         store = self.store
 
         def progress(ev: ProgressEvent) -> None:
@@ -519,7 +569,7 @@ class Publisher:
                 sp.downloaded += ev.n
                 self.metrics.pull_bytes.inc(ev.n)
 
-        with self._pull_slots:
+        with self._pull_slots, self._counting_secret_pull(creds_key):
             with self._mu:
                 # Every volume that wanted it was unpublished while it waited for a slot.
                 abandoned = bool(sp.jobs) and all(j.cancelled for j in sp.jobs)
@@ -544,6 +594,31 @@ class Publisher:
                         options=options,
                         progress=progress,
                     )
+                    if self._must_check(res, creds_key):
+                        # Fetched with another volume's secret: may these credentials read it?
+                        if spec.pull_policy == "never":
+                            raise AuthError(
+                                f"{spec.image} is in this node's store only because another volume's registry "
+                                "credentials pulled it; with pullPolicy never the plugin cannot check that this "
+                                "volume may read it",
+                                hint='use pullPolicy "missing": the registry is asked once with this volume\'s '
+                                "credentials (no download)",
+                                status=403,
+                            )
+                        log.info("pull %s: content pulled with other credentials; asking the registry", spec.image)
+                        res = pull(
+                            spec.ref,
+                            root=store,
+                            platforms=list(spec.platforms),
+                            policy=spec.policy,
+                            pull_policy="always",
+                            options=options,
+                            progress=progress,
+                        )
+                    if not res.offline:  # the registry let these credentials have it
+                        if creds_key:
+                            self._mark_private(res)
+                        self._verified.update({(str(res.root_digest), creds_key), (str(res.digest), creds_key)})
                     lease = f"csi-pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
                     store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
                 sp.lease = lease
@@ -572,6 +647,19 @@ class Publisher:
         if orphan:
             self._drop_lease(sp)
         sp.future.set_result(res)
+
+    @contextlib.contextmanager
+    def _counting_secret_pull(self, creds_key: str) -> Any:
+        if not creds_key:
+            yield
+            return
+        with self._mu:
+            self._secret_pulls += 1
+        try:
+            yield
+        finally:
+            with self._mu:
+                self._secret_pulls -= 1
 
     # ---- unpublish
 
