@@ -16,6 +16,13 @@ if TYPE_CHECKING:
     from .pull import PullResult
     from .volume import Volume
 
+# The functions below share their names with submodules. Importing a submodule binds it as an
+# attribute of the package, which would replace the function of the same name the first time
+# anything imported `imagevol.mount` (say): import them first, so the definitions below win.
+from . import explain as _explain_module  # noqa: F401
+from . import mount as _mount_module  # noqa: F401
+from . import pull as _pull_module  # noqa: F401
+
 
 def pull(ref: str, **kwargs: Any) -> PullResult:
     """Resolve `ref` for a node and fetch its content into the store (see :func:`imagevol.pull.pull`)."""
