@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Any
 
@@ -29,8 +28,7 @@ def _load_sfr() -> Any:
     global _sfr
     if _sfr is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.sync_file_range
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
             fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
             fn.restype = ctypes.c_int
             _sfr = fn

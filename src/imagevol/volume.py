@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -94,8 +94,9 @@ class Volume:
 # mount(2) / umount2(2)
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (see fsutil.libc)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     libc.mount.restype = ctypes.c_int
     libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
