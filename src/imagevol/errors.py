@@ -93,6 +93,11 @@ class UnsafeContentError(ContentRefusedError):
     """A layer or artifact tries to write outside its root, or holds content refused by policy."""
 
 
+class LimitExceededError(ContentRefusedError):
+    """Content exceeds a configured limit (a layer's decompressed size or ratio): not corrupt,
+    refused by policy; raising the limit admits it."""
+
+
 class StoreError(ImagevolError):
     """The content store is unusable or inconsistent."""
 

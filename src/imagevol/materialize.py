@@ -73,9 +73,10 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from . import mediatypes as mt
 from .digest import Digest
@@ -98,9 +99,11 @@ from .unpack.applier import ApplyOptions, apply_layer, clean_path
 from .unpack.compression import open_decompressed
 
 __all__ = [
+    "LayerFeed",
     "MaterializeOptions",
     "Snapshot",
     "copy_fd",
+    "find_snapshot",
     "force_rmtree",
     "materialize",
     "remove_snapshot",
@@ -544,6 +547,17 @@ class _Tee:
 # The builder
 
 
+class LayerFeed(Protocol):
+    """Where the builder finds blobs that may still be downloading (extraction while pulling)."""
+
+    def wait(self, digest: Digest) -> None:
+        """Return once the blob is in the store; raise why it will not be."""
+
+    def open(self, layer: Descriptor) -> AbstractContextManager[BinaryIO]:
+        """The layer's bytes, in order: as they download, or from the store."""
+        ...
+
+
 class _Builder:
     def __init__(
         self,
@@ -552,8 +566,10 @@ class _Builder:
         root: Path,
         opts: MaterializeOptions,
         warn: Callable[[str], None] | None,
+        feed: LayerFeed | None = None,
     ) -> None:
         self.store = store
+        self.feed = feed
         self.m = manifest
         self.opts = opts
         self._warn_cb = warn
@@ -666,7 +682,8 @@ class _Builder:
         expect: Digest | None = None,
     ) -> None:
         """Apply a tar layer onto the directory ``dir_fd``; verify its uncompressed digest if given."""
-        with self.store.open_blob(layer.digest) as f:
+        opened = self.feed.open(layer) if self.feed is not None else self.store.open_blob(layer.digest)
+        with opened as f:
             data = open_decompressed(f, compression, max_ratio=options.max_ratio, max_size=options.max_size)
             tee = _Tee(data, expect.hasher() if expect is not None else None)
             try:
@@ -743,6 +760,8 @@ class _Builder:
     # -- flavours
 
     def image(self) -> None:
+        if self.feed is not None:
+            self.feed.wait(self.m.config.digest)
         cfg = parse_config(
             self.store.read_blob(self.m.config.digest, MAX_CONFIG_SIZE), f"config {self.m.config.digest.short}"
         )
@@ -956,6 +975,10 @@ class _Builder:
             self.contents[str(layer.digest)] = "/".join(parts)
 
     def run(self, fl: str) -> int:
+        if self.feed is not None and fl != "image":  # only image layers are read as they download
+            for d in (self.m.config, *self.m.layers):
+                self.feed.wait(d.digest)
+            self.feed = None
         {
             "image": self.image,
             "artifact": self.artifact,
@@ -1041,15 +1064,25 @@ def _clean_builds(store: Store, snaps: Path, held_key: str) -> None:
             continue  # being built right now
 
 
+def find_snapshot(store: Store, manifest: Manifest, options: MaterializeOptions | None = None) -> Snapshot | None:
+    """The ready snapshot of ``manifest`` built with ``options``, if there is one."""
+    opts = options if options is not None else MaterializeOptions()
+    return _reuse(store, snapshots_dir(store), snapshot_key(manifest, opts), manifest, manifest_flavour(manifest))
+
+
 def materialize(
     store: Store,
     manifest: Manifest,
     *,
     options: MaterializeOptions | None = None,
     warn: Callable[[str], None] | None = None,
+    feed: LayerFeed | None = None,
 ) -> Snapshot:
     """Materialize ``manifest`` (whose config and layers are in ``store``, verified) into a
-    read-only snapshot, or return the existing one (``created=False``). See the module docs."""
+    read-only snapshot, or return the existing one (``created=False``). See the module docs.
+
+    With a ``feed``, blobs may still be downloading: image layers are applied as their bytes
+    arrive, and the snapshot is kept only if every blob was verified in the end."""
     opts = options if options is not None else MaterializeOptions()
     fl = manifest_flavour(manifest)
     key = snapshot_key(manifest, opts)
@@ -1066,7 +1099,7 @@ def materialize(
         store.meta.set_snapshot(key, str(final), "building", digest=manifest.digest)
         build = Path(tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{key}-", dir=snaps))
         try:
-            builder = _Builder(store, manifest, build, opts, warn)
+            builder = _Builder(store, manifest, build, opts, warn, feed)
             try:
                 files = builder.run(fl)
             finally:

@@ -8,8 +8,10 @@ parts already on disk; two processes pulling one blob download it once (the stor
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import queue
 import threading
 import time
 import uuid
@@ -113,6 +115,147 @@ def _needed(manifest: Manifest) -> list[Descriptor]:
     return out
 
 
+class LayerStream:
+    """The bytes of one blob as its download goes, for a consumer in another thread (extraction
+    while pulling). The fetcher writes each piece to the store's ingest as usual (the blob stays
+    resumable and is verified and committed as any other) and hands the same bytes object on: no
+    copy, at most `max_buffered` bytes waiting. The consumer's reads end only once the whole blob
+    has been verified; a wrong digest or a failed download is raised to it instead, so whatever it
+    built from the bytes can be discarded.
+
+    When the blob is not streamed after all (present already, or resumed from an earlier partial
+    download), the consumer reads it from the store once it is committed.
+    """
+
+    def __init__(self, desc: Descriptor, store: Store, max_buffered: int = 32 << 20) -> None:
+        self.desc = desc
+        self._store = store
+        self._max = max_buffered
+        self._cv = threading.Condition()
+        self._q: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._fed = 0  # bytes accepted from the download, in order
+        self._read = 0  # bytes handed to the consumer
+        self._state: str | None = None  # None: running; "ok": all fed and verified; "store": read the blob
+        self._error: BaseException | None = None
+        self._closed = False
+        self._file: Any = None
+        self.streamed = False
+
+    # -- download side
+    def feed(self, offset: int, chunk: bytes) -> None:
+        """The blob's bytes at `offset` (in order; a resent range is skipped up to what was fed)."""
+        end = offset + len(chunk)
+        with self._cv:
+            if self._closed or end <= self._fed:
+                return
+            if offset > self._fed:
+                raise ImagevolError(f"blob {self.desc.digest}: stream skipped from byte {self._fed} to {offset}")
+            if offset < self._fed:
+                chunk = chunk[self._fed - offset :]
+            while self._buffered >= self._max and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                return
+            self.streamed = True
+            self._q.append(chunk)
+            self._buffered += len(chunk)
+            self._fed = end
+            self._cv.notify_all()
+
+    def finish(self) -> None:
+        with self._cv:
+            self._state = "ok" if self.streamed else "store"
+            self._cv.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cv:
+            if self._state is None:
+                self._error = error
+            self._cv.notify_all()
+
+    # -- consumer side
+    def read(self, n: int = -1) -> bytes:
+        if self._file is not None:
+            return self._file.read(n)
+        with self._cv:
+            while not self._q and self._state is None and self._error is None:
+                self._cv.wait()
+            if self._q:
+                chunk = self._q.popleft()
+                if 0 < n < len(chunk):
+                    self._q.appendleft(chunk[n:])
+                    chunk = chunk[:n]
+                self._buffered -= len(chunk)
+                self._read += len(chunk)
+                self._cv.notify_all()
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._state == "ok":
+                return b""
+        # Not streamed: the verified blob from the store, from where the consumer is.
+        self._file = self._store.open_blob(self.desc.digest)
+        if self._read:
+            self._file.seek(self._read)
+        return self._file.read(n)
+
+    def close(self) -> None:
+        """The consumer is done (or gave up): the download goes on into the store unhindered."""
+        with self._cv:
+            self._closed = True
+            self._q.clear()
+            self._buffered = 0
+            self._cv.notify_all()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Lane:
+    """Calls made in order by a thread of its own, at most `depth` waiting (a bounded pipeline
+    stage). The first error is raised to the producer by its next put, or by drain."""
+
+    def __init__(self, name: str, depth: int = 8) -> None:
+        self._q: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            fn, args, kwargs = item
+            if self._error is None:
+                try:
+                    fn(*args, **kwargs)
+                except BaseException as e:
+                    self._error = e
+            self._q.task_done()
+        self._q.task_done()
+
+    def put(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((fn, args, kwargs))
+
+    def drain(self) -> None:
+        """Wait until every call made so far has run; raise the first error."""
+        self._q.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+
 class _PrefixHasher:
     """Hashes a blob being written in parallel parts, following the contiguous completed prefix in a
     thread of its own, so verification overlaps the download instead of re-reading the file after it
@@ -213,6 +356,7 @@ class _Fetcher:
         parts_per_blob: int,
         progress: ProgressFn | None,
         retries: int = 5,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.retries = retries
         self.store = store
@@ -224,8 +368,22 @@ class _Fetcher:
         self.downloaded = 0
         self.reused = 0
         self._mu = threading.Lock()
-        self._cancel = threading.Event()
+        self._cancel = cancel if cancel is not None else threading.Event()
         self._resumed: dict[str, bool] = {}
+        #: Blobs whose bytes are handed on as they arrive (extraction while pulling).
+        self.taps: dict[str, LayerStream] = {}
+        self._done: dict[str, threading.Event] = {}
+        #: Why a blob's fetch failed (or never started), by digest.
+        self.errors: dict[str, BaseException] = {}
+
+    def cancel(self) -> None:
+        """Stop the pull: streams in flight stop at their next piece; what was received is kept."""
+        self._cancel.set()
+
+    def done_event(self, digest: Digest) -> threading.Event:
+        """Set once the blob's fetch has ended, well or not (the store says which)."""
+        with self._mu:
+            return self._done.setdefault(str(digest), threading.Event())
 
     def _emit(self, ev: ProgressEvent) -> None:
         if self.progress is not None:
@@ -239,40 +397,63 @@ class _Fetcher:
     def fetch_all(self, descs: Iterable[Descriptor]) -> None:
         descs = list(descs)
         todo = []
-        for d in descs:
-            if self.store.has_blob(d.digest, d.size):
-                self.reused += d.size
-                self._emit(ProgressEvent("blob-done", str(d.digest), size=d.size, cached=True))
+        try:
+            for d in descs:
+                if self.store.has_blob(d.digest, d.size):
+                    self.reused += d.size
+                    self._emit(ProgressEvent("blob-done", str(d.digest), size=d.size, cached=True))
+                    self._ended(d, None)
+                else:
+                    todo.append(d)
+            if not todo:
+                return
+            # Small blobs first so configs and metadata land early; big ones get the parallel parts.
+            todo.sort(key=lambda d: d.size)
+            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob") as pool:
+                futures = [pool.submit(self.fetch, d) for d in todo]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:
+                        self._cancel.set()
+                        for g in futures:
+                            g.cancel()
+                        raise f.exception()  # type: ignore[misc]
+        except BaseException as e:
+            for d in descs:  # whoever waits for a blob that will not come hears why
+                self._ended(d, e)
+            raise
+
+    def _ended(self, desc: Descriptor, error: BaseException | None) -> None:
+        if error is not None:
+            self.errors.setdefault(str(desc.digest), error)
+        tap = self.taps.get(str(desc.digest))
+        if tap is not None:
+            if error is None:
+                tap.finish()
             else:
-                todo.append(d)
-        if not todo:
-            return
-        # Small blobs first so configs and metadata land early; big ones get the parallel parts.
-        todo.sort(key=lambda d: d.size)
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob") as pool:
-            futures = [pool.submit(self.fetch, d) for d in todo]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                if f.exception() is not None:
-                    self._cancel.set()
-                    for g in futures:
-                        g.cancel()
-                    raise f.exception()  # type: ignore[misc]
+                tap.fail(error)
+        self.done_event(desc.digest).set()
 
     def fetch(self, desc: Descriptor) -> None:
         if desc.data is not None:
             self.store.put_bytes(desc.data, desc.digest)
+            self._ended(desc, None)
             return
         self._emit(ProgressEvent("blob-start", str(desc.digest), size=desc.size))
         try:
-            self._fetch_once(desc)
-        except DigestMismatchError:
-            if not self._resumed.get(str(desc.digest)):
-                raise
-            # The resumed part map named bytes that did not survive (a power loss drops the page
-            # cache; a killed process does not): the ingest was discarded, fetch it afresh once.
-            self._resumed[str(desc.digest)] = False
-            self._fetch_once(desc)
+            try:
+                self._fetch_once(desc)
+            except DigestMismatchError:
+                if not self._resumed.get(str(desc.digest)):
+                    raise
+                # The resumed part map named bytes that did not survive (a power loss drops the page
+                # cache; a killed process does not): the ingest was discarded, fetch it afresh once.
+                self._resumed[str(desc.digest)] = False
+                self._fetch_once(desc)
+        except BaseException as e:
+            self._ended(desc, e)
+            raise
+        self._ended(desc, None)
         self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size))
 
     def _fetch_once(self, desc: Descriptor) -> None:
@@ -288,10 +469,17 @@ class _Fetcher:
                 with self._mu:
                     self.reused += done_before
                 self._emit(ProgressEvent("bytes", str(desc.digest), n=done_before, cached=True))
-            if desc.size > self.part_size and isinstance(self.source, RegistrySource):
-                verified = self._ranged(desc, ing)
-            else:
-                verified = self._stream(desc, ing)
+            tap = None if done_before else self.taps.get(str(desc.digest))
+            try:
+                if tap is not None:
+                    verified = self._stream(desc, ing, tap)  # in order, for the consumer
+                elif desc.size > self.part_size and isinstance(self.source, RegistrySource):
+                    verified = self._ranged(desc, ing)
+                else:
+                    verified = self._stream(desc, ing)
+            except DigestMismatchError:
+                ing.abort()  # wrong bytes are not progress: the next attempt starts afresh
+                raise
             ing.commit(verified_digest=verified)
 
     def _retry_or_raise(self, desc: Descriptor, attempts: int, pos: int, err: BaseException | None) -> None:
@@ -306,46 +494,79 @@ class _Fetcher:
             )
         time.sleep(min(5.0, 0.25 * (2 ** (attempts - 1))))
 
-    def _stream(self, desc: Descriptor, ing: Any) -> Digest | None:
+    def _stream(self, desc: Descriptor, ing: Any, tap: LayerStream | None = None) -> Digest | None:
         """One stream from the resume point, hashed as it passes: the blob is read once. A cut
-        connection resumes with a Range request from the last byte received."""
+        connection resumes with a Range request from the last byte received.
+
+        With a `tap` (extraction while pulling), the bytes also go to its consumer, and writing and
+        hashing move to threads of their own so that receiving never waits for them: on two cores
+        one thread doing all three was the pipeline's bottleneck."""
         verifier, offset = ing.resume_verifier()
+        writer = _Lane("imagevol-write") if tap is not None else None
+        hasher = _Lane("imagevol-hash") if tap is not None else None
         attempts = 0
-        while offset < desc.size:
-            start = offset
-            f = self.source.open_blob(desc, offset)
-            err: BaseException | None = None
-            try:
-                if offset and getattr(getattr(f, "resp", None), "status", 206) == 200:
-                    verifier, offset, start = Verifier(desc.digest), 0, 0  # Range ignored: restart
-                last_mark = offset
-                while not self._cancel.is_set():
-                    try:
-                        chunk = f.read(CHUNK)
-                    except _CUT as e:
-                        err = e
-                        break
-                    if not chunk:
-                        break
-                    if offset + len(chunk) > desc.size:
-                        raise DigestMismatchError(
-                            f"blob {desc.digest} from {self.source.describe()} is longer than its {desc.size} bytes",
-                            hint="the source served wrong content; nothing was stored",
-                        )
-                    ing.write_at(offset, chunk)
-                    verifier.update(chunk)
-                    offset += len(chunk)
-                    self._count(desc.digest, len(chunk))
-                    if offset - last_mark >= MARK_EVERY:
-                        ing.mark_complete(start, offset, sync=False)
-                        last_mark = offset
-            finally:
-                with contextlib.suppress(Exception):
-                    f.close()
-            ing.mark_complete(start, offset, sync=False)
-            if offset < desc.size:
-                attempts += 1
-                self._retry_or_raise(desc, attempts, offset, err)
+        try:
+            while offset < desc.size:
+                start = offset
+                f = self.source.open_blob(desc, offset)
+                err: BaseException | None = None
+                skip = 0
+                try:
+                    if offset and getattr(getattr(f, "resp", None), "status", 206) == 200:
+                        if tap is None:
+                            verifier, offset, start = Verifier(desc.digest), 0, 0  # Range ignored: restart
+                        else:
+                            skip = offset  # the consumer has these bytes: read past them
+                    last_mark = offset
+                    while not self._cancel.is_set():
+                        try:
+                            chunk = f.read(CHUNK)
+                        except _CUT as e:
+                            err = e
+                            break
+                        if not chunk:
+                            break
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        if offset + len(chunk) > desc.size:
+                            raise DigestMismatchError(
+                                f"blob {desc.digest} from {self.source.describe()} is longer than its "
+                                f"{desc.size} bytes",
+                                hint="the source served wrong content; nothing was stored",
+                            )
+                        if writer is not None and hasher is not None and tap is not None:
+                            writer.put(ing.write_at, offset, chunk)
+                            hasher.put(verifier.update, chunk)
+                            tap.feed(offset, chunk)
+                        else:
+                            ing.write_at(offset, chunk)
+                            verifier.update(chunk)
+                        offset += len(chunk)
+                        self._count(desc.digest, len(chunk))
+                        if offset - last_mark >= MARK_EVERY:
+                            if writer is not None:
+                                writer.put(ing.mark_complete, start, offset, sync=False)
+                            else:
+                                ing.mark_complete(start, offset, sync=False)
+                            last_mark = offset
+                finally:
+                    with contextlib.suppress(Exception):
+                        f.close()
+                if writer is not None:
+                    writer.drain()  # every byte received is written before the part map says so
+                ing.mark_complete(start, offset, sync=False)
+                if offset < desc.size:
+                    attempts += 1
+                    self._retry_or_raise(desc, attempts, offset, err)
+            if hasher is not None:
+                hasher.drain()
+        finally:
+            for lane in (writer, hasher):
+                if lane is not None:
+                    lane.close()
         verifier.verify(f"blob {desc.digest} from {self.source.describe()}")
         return verifier.digest()
 
@@ -457,7 +678,74 @@ def _complete(store: Store, sel: Selection) -> bool:
     return all(d.data is not None or store.has_blob(d.digest, d.size) for d in _needed(sel.manifest))
 
 
-def pull(
+@dataclass
+class PullPlan:
+    """A resolved pull (:func:`plan_pull`): the manifest chosen for the node, and what fetching it
+    takes. :meth:`run` fetches; a caller may first tap blobs (``fetcher.taps``) to consume them
+    while they download, or wait on single blobs (``fetcher.done_event``)."""
+
+    store: Store
+    key: str
+    selection: Selection
+    t0: float
+    progress: ProgressFn | None = None
+    offline: PullResult | None = None
+    source: Source | None = None
+    resolved: Any = None
+    fetcher: _Fetcher | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.selection.manifest
+
+    def missing(self) -> list[Descriptor]:
+        """Blobs of the manifest not in the store yet."""
+        return [d for d in _needed(self.manifest) if d.data is None and not self.store.has_blob(d.digest, d.size)]
+
+    def run(self) -> PullResult:
+        """Fetch what is missing into the store (nothing for a pull satisfied by the store)."""
+        if self.offline is not None:
+            return self.offline
+        assert self.source is not None and self.fetcher is not None
+        store, sel, source, fetcher = self.store, self.selection, self.source, self.fetcher
+        lease = f"pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        try:
+            with store.lock("gc", shared=True):
+                store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
+                try:
+                    _store_manifests(store, source, sel, self.resolved[1])
+                    fetcher.fetch_all(_needed(sel.manifest))
+                    store.meta.set_ref(
+                        self.key,
+                        sel.root.digest,
+                        media_type=self.resolved[1].media_type,
+                        platform=str(sel.platform) if sel.platform else None,
+                        source=source.describe(),
+                    )
+                finally:
+                    store.meta.remove_lease(lease)
+        except BaseException as e:
+            for d in _needed(sel.manifest):  # nobody may wait for a blob that will not come
+                fetcher._ended(d, e)
+            raise
+        if self.progress:
+            self.progress(ProgressEvent("done", str(sel.descriptor.digest)))
+        return PullResult(
+            self.key,
+            sel.root.digest,
+            sel.descriptor.digest,
+            sel.manifest,
+            sel,
+            source.describe(),
+            downloaded=fetcher.downloaded,
+            reused=fetcher.reused,
+            blobs=len(_needed(sel.manifest)),
+            seconds=time.monotonic() - self.t0,
+            warnings=sel.warnings,
+        )
+
+
+def plan_pull(
     ref: str | Reference | LayoutReference,
     *,
     root: str | os.PathLike[str] | Store,
@@ -469,14 +757,10 @@ def pull(
     part_size: int = DEFAULT_PART_SIZE,
     parts_per_blob: int = DEFAULT_PARTS_PER_BLOB,
     progress: ProgressFn | None = None,
-) -> PullResult:
-    """Resolve `ref` for the node (`platforms`, a preference list; default this host) and make the
-    chosen manifest's content present and verified in the store at `root`.
-
-    pull_policy as in Kubernetes: `always` resolves at the source; `missing` (IfNotPresent) uses
-    the store when the reference was pulled before and its content is complete; `never` uses only
-    the store and fails clearly when content is absent.
-    """
+    cancel: threading.Event | None = None,
+) -> PullPlan:
+    """Resolve `ref` for the node and say what pulling it takes; :meth:`PullPlan.run` fetches.
+    Arguments as :func:`pull`."""
     if pull_policy not in PULL_POLICIES:
         raise UsageError(f"unknown pull policy {pull_policy!r}", hint="use always, missing or never")
     t0 = time.monotonic()
@@ -493,7 +777,7 @@ def pull(
                 if _complete(store, sel):
                     if progress:
                         progress(ProgressEvent("resolved", str(sel.descriptor.digest), message="in store"))
-                    return PullResult(
+                    done = PullResult(
                         key,
                         sel.root.digest,
                         sel.descriptor.digest,
@@ -505,6 +789,7 @@ def pull(
                         seconds=time.monotonic() - t0,
                         warnings=sel.warnings,
                     )
+                    return PullPlan(store, key, sel, t0, progress, offline=done)
             except NotFoundError:
                 pass  # e.g. another platform's manifest was never fetched: go to the source
         if pull_policy == "never":
@@ -525,7 +810,6 @@ def pull(
                 "resolved", str(sel.descriptor.digest), size=sel.manifest.total_size, message=source.describe()
             )
         )
-    lease = f"pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     fetcher = _Fetcher(
         store,
         source,
@@ -534,36 +818,46 @@ def pull(
         parts_per_blob=parts_per_blob,
         progress=progress,
         retries=options.retries if options is not None else 5,
+        cancel=cancel,
     )
-    with store.lock("gc", shared=True):
-        store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
-        try:
-            _store_manifests(store, source, sel, resolved[1])
-            fetcher.fetch_all(_needed(sel.manifest))
-            store.meta.set_ref(
-                key,
-                sel.root.digest,
-                media_type=resolved[1].media_type,
-                platform=str(sel.platform) if sel.platform else None,
-                source=source.describe(),
-            )
-        finally:
-            store.meta.remove_lease(lease)
-    if progress:
-        progress(ProgressEvent("done", str(sel.descriptor.digest)))
-    return PullResult(
-        key,
-        sel.root.digest,
-        sel.descriptor.digest,
-        sel.manifest,
-        sel,
-        source.describe(),
-        downloaded=fetcher.downloaded,
-        reused=fetcher.reused,
-        blobs=len(_needed(sel.manifest)),
-        seconds=time.monotonic() - t0,
-        warnings=sel.warnings,
-    )
+    return PullPlan(store, key, sel, t0, progress, source=source, resolved=resolved, fetcher=fetcher)
+
+
+def pull(
+    ref: str | Reference | LayoutReference,
+    *,
+    root: str | os.PathLike[str] | Store,
+    platforms: list[Platform] | None = None,
+    policy: str = "native",
+    pull_policy: str = "missing",
+    options: RegistryOptions | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    part_size: int = DEFAULT_PART_SIZE,
+    parts_per_blob: int = DEFAULT_PARTS_PER_BLOB,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> PullResult:
+    """Resolve `ref` for the node (`platforms`, a preference list; default this host) and make the
+    chosen manifest's content present and verified in the store at `root`.
+
+    pull_policy as in Kubernetes: `always` resolves at the source; `missing` (IfNotPresent) uses
+    the store when the reference was pulled before and its content is complete; `never` uses only
+    the store and fails clearly when content is absent. Setting `cancel` stops the pull at the next
+    piece of each stream ("pull cancelled"); what was received is kept for the next pull.
+    """
+    return plan_pull(
+        ref,
+        root=root,
+        platforms=platforms,
+        policy=policy,
+        pull_policy=pull_policy,
+        options=options,
+        concurrency=concurrency,
+        part_size=part_size,
+        parts_per_blob=parts_per_blob,
+        progress=progress,
+        cancel=cancel,
+    ).run()
 
 
 def export_layout(store: Store, result: PullResult, dest: str | LayoutReference) -> Descriptor:

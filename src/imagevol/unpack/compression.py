@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from ..errors import ContentRefusedError
+from ..errors import ContentRefusedError, LimitExceededError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -207,13 +207,13 @@ class DecompressedStream(io.RawIOBase):
     def _count(self, n: int) -> None:
         self.produced += n
         if self._max_size is not None and self.produced > self._max_size:
-            raise ContentRefusedError(
+            raise LimitExceededError(
                 f"layer decompresses to more than max_size={self._max_size} bytes",
                 hint="raise the limit (`imagevol mount --max-size`, max_size in the API) if the content is trusted",
             )
         ratio_limit = None if self._max_ratio is None else self._max_ratio * self._src.consumed + RATIO_GRACE
         if ratio_limit is not None and self.produced > ratio_limit:
-            raise ContentRefusedError(
+            raise LimitExceededError(
                 f"layer decompression ratio exceeds max_ratio={self._max_ratio:g} "
                 f"({self.produced} bytes out of {self._src.consumed} compressed bytes so far)",
                 hint="raise the limit (`imagevol mount --max-ratio`, 0 for none; max_ratio in the API) "
