@@ -83,7 +83,7 @@ def _annotations(values: tuple[str, ...]) -> dict[str, str]:
     default=64,
     show_default=True,
     metavar="MiB",
-    help="Blobs larger than this are uploaded in PATCH chunks of this size.",
+    help="Blobs larger than this, and large blobs hashed while they upload, go in PATCH requests of at most this size.",
 )
 @click.option(
     "--mount-from",
@@ -134,8 +134,11 @@ def pack_cmd(
     oci:PATH[:TAG] for an OCI layout, created if needed).
 
     Packing is deterministic: the same directory gives the same digests anywhere (sorted entries,
-    fixed mtimes: 0 or SOURCE_DATE_EPOCH, owner 0). Blobs the registry has are skipped. Prints the
-    digest, then which runtime mounts the result on linux/amd64, linux/arm64 and linux/arm/v7."""
+    fixed mtimes: 0 or SOURCE_DATE_EPOCH, owner 0). Each file is read once: large blobs are hashed
+    while they upload. Blobs the registry has are skipped when their digest is known first: small
+    blobs, --mount-from, and files whose digests are remembered from an earlier pack
+    (~/.cache/imagevol/pack-digests.json; IMAGEVOL_PACK_CACHE=FILE or off). Prints the digest,
+    then which runtime mounts the result on linux/amd64, linux/arm64 and linux/arm/v7."""
     from .cli import _progress_for, progress_shown
     from .explain import DEFAULT_NODES, RUNTIMES, human_size, outcome_json, render_explain
     from .explain import explain as do_explain

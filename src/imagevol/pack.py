@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -57,12 +57,13 @@ from typing import Any
 
 from . import mediatypes as mt
 from .digest import Digest, digest_bytes
-from .errors import ImagevolError, UsageError
+from .errors import UsageError
 from .manifest import Descriptor
 from .platform import Platform, parse_platform, parse_platform_list
 from .pull import ProgressEvent, ProgressFn
-from .sinks import Blob, Sink, open_sink
-from .tarwriter import COMPRESSIONS, LayerWriter, source_date_epoch
+from .sinks import Blob, FileRange, Sink, hash_blob, open_sink
+from .sinks.digestcache import DigestCache, composite_key, file_identity
+from .tarwriter import COMPRESSIONS, LayerWriter, TarParts, source_date_epoch
 
 __all__ = [
     "DEFAULT_ARTIFACT_TYPE",
@@ -87,7 +88,6 @@ TREE_TITLE = ".imagevol-tree"
 RAW_FILE_TYPE = "application/octet-stream"
 ANN_UNTESTED = "org.cncf.model.file.mediatype.untested"
 AGNOSTIC_PLATFORM = Platform("linux", "amd64")
-CHUNK = 1 << 20
 
 _LAYER_TYPES = {"none": mt.OCI_LAYER, "gzip": mt.OCI_LAYER_GZIP, "zstd": mt.OCI_LAYER_ZSTD}
 _TAR_SUFFIX = {"none": "tar", "gzip": "tar+gzip", "zstd": "tar+zstd"}
@@ -113,6 +113,8 @@ class Entry:
     size: int = 0
     source: str = ""
     target: str = ""
+    identity: str = field(default="", compare=False)  # files: device, inode, size, mtime, ctime
+    ctime_ns: int = field(default=0, compare=False)
 
 
 def scan_tree(directory: str | os.PathLike[str]) -> list[Entry]:
@@ -143,12 +145,13 @@ def scan_tree(directory: str | os.PathLike[str]) -> list[Entry]:
             elif stat.S_ISREG(cst.st_mode):
                 key = (cst.st_dev, cst.st_ino)
                 first = inodes.get(key) if cst.st_nlink > 1 else None
+                ident = file_identity(cst)
                 if first is not None:
-                    out.append(Entry(path, "hardlink", mode, cst.st_size, child.path, target=first))
+                    out.append(Entry(path, "hardlink", mode, cst.st_size, child.path, first, ident, cst.st_ctime_ns))
                 else:
                     if cst.st_nlink > 1:
                         inodes[key] = path
-                    out.append(Entry(path, "file", mode, cst.st_size, child.path))
+                    out.append(Entry(path, "file", mode, cst.st_size, child.path, "", ident, cst.st_ctime_ns))
             else:
                 raise UsageError(
                     f"{child.path} is a socket, FIFO or device: pack takes directories, files and symlinks only",
@@ -336,8 +339,9 @@ class ManifestInfo:
 
 @dataclass
 class Built:
-    """A packed directory before it is written anywhere: blobs (files in ``workdir`` or the source
-    files themselves), child manifests and the root document."""
+    """A packed directory before it is written anywhere: blobs (configs in memory, compressed layers
+    in ``workdir``, raw files and uncompressed tar layers read from the source files, see
+    :class:`~imagevol.sinks.Blob`), child manifests and the root document."""
 
     format: str
     media_type: str
@@ -431,6 +435,36 @@ def _run_parallel(fns: list[Callable[[], Any]], concurrency: int) -> list[Any]:
         return [f.result() for f in futures]
 
 
+@dataclass(eq=False)
+class _Layer:
+    """A layer of the result: its blob (the digest may come later: a streamed push computes it) and
+    what the manifest says about it. diff_id None: the blob is uncompressed (its digest)."""
+
+    blob: Blob
+    media_type: str
+    diff_id: Digest | None = None
+
+    @property
+    def digest(self) -> Digest:
+        assert self.blob.digest is not None, "the layer has not been hashed yet"
+        return self.blob.digest
+
+    def descriptor(self, annotations: Mapping[str, str] | None = None) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, self.blob.size, annotations=dict(annotations or {}))
+
+    @property
+    def uncompressed(self) -> Digest:
+        return self.diff_id or self.digest
+
+
+@dataclass
+class _CacheInfo:
+    """How a blob's bytes are identified without reading them (None: they cannot be)."""
+
+    key: str
+    newest_ctime_ns: int
+
+
 class _Builder:
     def __init__(
         self,
@@ -448,50 +482,90 @@ class _Builder:
         self.large_file_size = large_file_size
         self.progress = progress
         self.blobs: dict[Digest, Blob] = {}
+        self.layer_blobs: list[Blob] = []  # in the order they were made; digests may come later
+        self.cache_info: dict[int, _CacheInfo] = {}  # id(blob) ->
+        self._raw: dict[str, Blob] = {}  # file identity -> its raw blob (hard links share one)
+        self._mu = threading.Lock()
 
     def _add_blob(self, blob: Blob) -> None:
+        assert blob.digest is not None
         self.blobs.setdefault(blob.digest, blob)
 
-    def tar_layer(self, plan: LayerPlan, media_type: str) -> tuple[Descriptor, Digest]:
-        """Write one tar layer to a scratch file; (descriptor, diff_id)."""
+    def _add_layer_blob(self, blob: Blob, info: _CacheInfo | None) -> None:
+        with self._mu:
+            self.layer_blobs.append(blob)
+            if info is not None:
+                self.cache_info[id(blob)] = info
+
+    def tar_layer(self, plan: LayerPlan, media_type: str) -> _Layer:
+        """One tar layer. Uncompressed: described as parts (headers in memory, the files where they
+        are), hashed later, nothing written; compressed: written to a scratch file, hashed on the way."""
+        if self.compression == "none":
+            tp = TarParts(mtime=self.mtime)
+            self._add_entries(tp.tar, plan.entries)
+            parts, size = tp.finish()
+            blob = Blob(None, size, media_type, parts=parts, what=plan.name)
+            sources = {Path(e.source): e for e in plan.entries if e.kind == "file"}
+            key_parts: list[bytes | str] = []
+            cacheable = True
+            for p in parts:
+                if isinstance(p, FileRange):
+                    e = sources.get(p.path)
+                    cacheable = cacheable and e is not None and bool(e.identity)
+                    key_parts.append(e.identity if e is not None else "")
+                else:
+                    key_parts.append(p)
+            newest = max((e.ctime_ns for e in sources.values()), default=0)
+            self._add_layer_blob(blob, _CacheInfo(composite_key("tar", key_parts), newest) if cacheable else None)
+            return _Layer(blob, media_type)
         _emit(self.progress, "pack-layer", message=plan.name)
         fd, tmp = tempfile.mkstemp(prefix="layer-", dir=self.workdir)
         with os.fdopen(fd, "wb") as f:
             w = LayerWriter(f, self.compression, mtime=self.mtime)
-            for e in plan.entries:
-                if e.kind == "dir":
-                    w.tar.add_dir(e.path, e.mode)
-                elif e.kind == "symlink":
-                    w.tar.add_symlink(e.path, e.target)
-                elif e.kind == "hardlink":
-                    w.tar.add_hardlink(e.path, e.target, e.mode)
-                else:
-                    w.tar.add_file(e.path, e.source, e.mode, e.size)
+            self._add_entries(w.tar, plan.entries)
             digest, size, diff_id, _raw = w.finish()
         path = self.workdir / digest.hex
         os.replace(tmp, path)
-        self._add_blob(Blob(digest, size, media_type, path=path, temporary=True, what=plan.name))
+        blob = Blob(digest, size, media_type, path=path, temporary=True, what=plan.name)
+        self._add_layer_blob(blob, None)
         _emit(self.progress, "pack-layer-done", digest=str(digest), size=size, message=plan.name)
-        return Descriptor(media_type, digest, size), diff_id
+        return _Layer(blob, media_type, diff_id)
 
-    def raw_file(self, e: Entry) -> Digest:
-        h = hashlib.sha256()
-        n = 0
-        with open(e.source, "rb", buffering=0) as f:
-            while data := f.read(CHUNK):
-                h.update(data)
-                n += len(data)
-        if n != e.size:
-            raise ImagevolError(f"{e.source} changed while it was packed", hint="do not modify the directory now")
-        d = Digest("sha256:" + h.hexdigest())
-        self._add_blob(Blob(d, n, RAW_FILE_TYPE, path=Path(e.source), what=e.path))
-        return d
+    def _add_entries(self, tar: Any, entries: Iterable[Entry]) -> None:
+        for e in entries:
+            if e.kind == "dir":
+                tar.add_dir(e.path, e.mode)
+            elif e.kind == "symlink":
+                tar.add_symlink(e.path, e.target)
+            elif e.kind == "hardlink":
+                tar.add_hardlink(e.path, e.target, e.mode)
+            else:
+                tar.add_file(e.path, e.source, e.mode, e.size)
+
+    def raw_file(self, e: Entry) -> Blob:
+        """The file as a raw blob (not read here); every name of one file gives the same blob."""
+        with self._mu:
+            blob = self._raw.get(e.identity) if e.identity else None
+            if blob is not None:
+                return blob
+            blob = Blob(
+                None, e.size, RAW_FILE_TYPE, parts=(FileRange(e.source, 0, e.size, file_size=e.size),), what=e.path
+            )
+            if e.identity:
+                self._raw[e.identity] = blob
+        self._add_layer_blob(blob, _CacheInfo(f"raw:{e.identity}", e.ctime_ns) if e.identity else None)
+        return blob
 
     def json_blob(self, doc: Any, media_type: str) -> Descriptor:
         body = _dumps(doc)
         d = digest_bytes(body)
         self._add_blob(Blob(d, len(body), media_type, data=body, what=media_type))
         return Descriptor(media_type, d, len(body))
+
+    def collect_layer_blobs(self) -> None:
+        """Once every layer blob has its digest: all of them by digest (identical content once)."""
+        for blob in self.layer_blobs:
+            self._add_blob(blob)
 
 
 def _image_config(platform: Platform, diff_ids: list[Digest], mtime: int) -> dict[str, Any]:
@@ -561,22 +635,47 @@ def _resolve_platforms(
     return None
 
 
-def build(
+@dataclass
+class _Draft:
+    """A pack whose layers are planned (tar headers made, compressed layers written) but whose
+    uncompressed blobs are not read yet; :meth:`complete` makes the documents once every layer blob
+    has its digest."""
+
+    builder: _Builder
+    finish: Callable[[], Built]
+    files: int
+    workdir: Path | None
+
+    def pending(self) -> list[Blob]:
+        return [x for x in self.builder.layer_blobs if x.digest is None]
+
+    def complete(self) -> Built:
+        self.builder.collect_layer_blobs()
+        built = self.finish()
+        built.workdir, self.workdir = self.workdir, None
+        built.files = self.files
+        return built
+
+    def cleanup(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def _draft(
     directory: str | os.PathLike[str],
     *,
-    format: str = "image",
-    platforms: Sequence[Platform | str] | str | None = None,
-    agnostic: bool = False,
-    compression: str = "none",
-    artifact_type: str | None = None,
-    annotations: Mapping[str, str] | None = None,
-    large_file_size: int = DEFAULT_LARGE_FILE_SIZE,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    workdir: str | os.PathLike[str] | None = None,
-    progress: ProgressFn | None = None,
-) -> Built:
-    """Pack ``directory`` into blobs and manifests (nothing is pushed). Call ``cleanup()`` on the
-    result when done (it owns a scratch directory under ``workdir`` or the system's temp dir)."""
+    format: str,
+    platforms: Sequence[Platform | str] | str | None,
+    agnostic: bool,
+    compression: str,
+    artifact_type: str | None,
+    annotations: Mapping[str, str] | None,
+    large_file_size: int,
+    concurrency: int,
+    workdir: str | os.PathLike[str] | None,
+    progress: ProgressFn | None,
+) -> _Draft:
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}", hint="format is one of: " + ", ".join(FORMATS))
     if compression not in COMPRESSIONS:
@@ -596,96 +695,102 @@ def build(
     b = _Builder(root, scratch, compression, mtime, large_file_size, progress)
     try:
         if format == "image":
-            built = _build_image(b, entries, plats or [], agnostic, anns, concurrency)
+            finish = _draft_image(b, entries, plats or [], agnostic, anns, concurrency)
         else:
-            built = _build_artifact(b, entries, format, plats, artifact_type, anns, concurrency)
+            finish = _draft_artifact(b, entries, format, plats, artifact_type, anns)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    built.workdir = scratch
-    built.files = sum(1 for e in entries if e.kind in ("file", "hardlink"))
-    return built
+    files = sum(1 for e in entries if e.kind in ("file", "hardlink"))
+    return _Draft(b, finish, files, scratch)
 
 
-def _build_image(
+def build(
+    directory: str | os.PathLike[str],
+    *,
+    format: str = "image",
+    platforms: Sequence[Platform | str] | str | None = None,
+    agnostic: bool = False,
+    compression: str = "none",
+    artifact_type: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    large_file_size: int = DEFAULT_LARGE_FILE_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    workdir: str | os.PathLike[str] | None = None,
+    progress: ProgressFn | None = None,
+) -> Built:
+    """Pack ``directory`` into blobs and manifests (nothing is pushed; every blob is hashed). Call
+    ``cleanup()`` on the result when done (it owns a scratch directory under ``workdir`` or the
+    system's temp dir, for compressed layers)."""
+    draft = _draft(
+        directory,
+        format=format,
+        platforms=platforms,
+        agnostic=agnostic,
+        compression=compression,
+        artifact_type=artifact_type,
+        annotations=annotations,
+        large_file_size=large_file_size,
+        concurrency=concurrency,
+        workdir=workdir,
+        progress=progress,
+    )
+    try:
+        _run_parallel([lambda x=x: hash_blob(x) for x in draft.pending()], concurrency)
+        return draft.complete()
+    finally:
+        draft.cleanup()
+
+
+def _draft_image(
     b: _Builder,
     entries: list[Entry],
     plats: list[Platform],
     agnostic: bool,
     anns: dict[str, str],
     concurrency: int,
-) -> Built:
+) -> Callable[[], Built]:
     plans = plan_image_layers(entries, b.large_file_size)
     media_type = _LAYER_TYPES[b.compression]
-    results = _run_parallel([lambda p=p: b.tar_layer(p, media_type) for p in plans], concurrency)
-    layers = [d for d, _ in results]
-    diff_ids = [x for _, x in results]
-    children: list[tuple[bytes, str]] = []
-    index_entries: list[tuple[bytes, Platform | None]] = []
-    infos: list[ManifestInfo] = []
-    targets: list[tuple[Platform, Platform | None]] = (
-        [(AGNOSTIC_PLATFORM, None)] if agnostic else [(p, p) for p in plats]
-    )
-    for config_plat, entry_plat in targets:
-        cfg = b.json_blob(_image_config(config_plat, diff_ids, b.mtime), mt.OCI_CONFIG)
-        body = _manifest_doc(cfg, layers, None, anns)
-        children.append((body, mt.OCI_MANIFEST))
-        index_entries.append((body, entry_plat))
-        infos.append(ManifestInfo(entry_plat, digest_bytes(body), len(body)))
-    index = _index_doc(index_entries, anns)
-    return Built("image", mt.OCI_INDEX, index, digest_bytes(index), infos, children, b.blobs, layers)
+    layers: list[_Layer] = _run_parallel([lambda p=p: b.tar_layer(p, media_type) for p in plans], concurrency)
+
+    def finish() -> Built:
+        descs = [x.descriptor() for x in layers]
+        diff_ids = [x.uncompressed for x in layers]
+        children: list[tuple[bytes, str]] = []
+        index_entries: list[tuple[bytes, Platform | None]] = []
+        infos: list[ManifestInfo] = []
+        targets: list[tuple[Platform, Platform | None]] = (
+            [(AGNOSTIC_PLATFORM, None)] if agnostic else [(p, p) for p in plats]
+        )
+        for config_plat, entry_plat in targets:
+            cfg = b.json_blob(_image_config(config_plat, diff_ids, b.mtime), mt.OCI_CONFIG)
+            body = _manifest_doc(cfg, descs, None, anns)
+            children.append((body, mt.OCI_MANIFEST))
+            index_entries.append((body, entry_plat))
+            infos.append(ManifestInfo(entry_plat, digest_bytes(body), len(body)))
+        index = _index_doc(index_entries, anns)
+        return Built("image", mt.OCI_INDEX, index, digest_bytes(index), infos, children, b.blobs, descs)
+
+    return finish
 
 
-def _build_artifact(
+def _draft_artifact(
     b: _Builder,
     entries: list[Entry],
     fmt: str,
     plats: list[Platform] | None,
     artifact_type: str | None,
     anns: dict[str, str],
-    concurrency: int,
-) -> Built:
+) -> Callable[[], Built]:
     modelpack = fmt == "modelpack"
     files = [e for e in entries if e.kind in ("file", "hardlink")]
     raw = files if modelpack else [e for e in files if _plain_mode(e.mode)]
     raw_paths = {e.path for e in raw}
     tree = _tree_plan(entries, raw_paths)
-    # Hash the files (in parallel); hard links hash once.
-    primaries = [e for e in raw if e.kind == "file"]
-    digests = dict(
-        zip(
-            (e.path for e in primaries),
-            _run_parallel([lambda e=e: b.raw_file(e) for e in primaries], concurrency),
-            strict=True,
-        )
-    )
-    by_inode_target = {e.path: digests[e.target] for e in raw if e.kind == "hardlink" and e.target in digests}
-    layers: list[Descriptor] = []
-    diff_ids: list[Digest] = []
-    formats: set[str] = set()
-    for e in raw:
-        d = digests.get(e.path) or by_inode_target.get(e.path)
-        if d is None:  # a hard link to a file that is not a raw layer (an executable): hash it
-            d = b.raw_file(Entry(e.path, "file", e.mode, e.size, e.source))
-        a: dict[str, str] = {}
-        if modelpack:
-            kind, guessed = modelpack_kind(e.path, e.size, b.large_file_size)
-            media_type = f"{mt.MODELPACK_LAYER_PREFIX}{kind}.v1.raw"
-            a[mt.ANN_CNCF_FILEPATH] = e.path
-            a[mt.ANN_CNCF_FILE_METADATA] = _file_metadata(e, b.mtime)
-            if guessed:
-                a[ANN_UNTESTED] = "true"
-            a[mt.ANN_TITLE] = e.path
-            if kind == "weight":
-                fmt_name = _FORMAT_BY_EXT.get(os.path.splitext(e.path.lower())[1])
-                if fmt_name:
-                    formats.add(fmt_name)
-        else:
-            media_type = RAW_FILE_TYPE
-            a[mt.ANN_CNCF_FILE_METADATA] = _file_metadata(e, b.mtime)
-            a[mt.ANN_TITLE] = e.path
-        layers.append(Descriptor(media_type, d, e.size, annotations=dict(sorted(a.items()))))
-        diff_ids.append(d)
+    # One raw blob per file (every name of a hard-linked file shares it); read later.
+    blobs = {e.path: b.raw_file(e) for e in raw}
+    tree_layer: _Layer | None = None
     if tree is not None:
         if modelpack:
             tree_type = f"{mt.MODELPACK_LAYER_PREFIX}weight.config.v1.{_TAR_SUFFIX[b.compression]}"
@@ -693,62 +798,135 @@ def _build_artifact(
         else:
             tree_type = _LAYER_TYPES[b.compression]
             tree_ann = {mt.ANN_TITLE: TREE_TITLE, mt.ANN_IMAGEVOL_ROOT: "true"}
-        desc, diff_id = b.tar_layer(tree, tree_type)
-        layers.append(Descriptor(tree_type, desc.digest, desc.size, annotations=tree_ann))
-        diff_ids.append(diff_id)
-    if modelpack:
-        model_config: dict[str, Any] = {}
-        if len(formats) == 1:
-            model_config["format"] = formats.pop()
-        descriptor: dict[str, Any] = {}
-        if b.mtime:
-            descriptor["createdAt"] = _rfc3339(b.mtime)
-        cfg_doc = {
-            "descriptor": descriptor,
-            "modelfs": {"type": "layers", "diffIds": [str(d) for d in diff_ids]},
-            "config": model_config,
-        }
-        config = b.json_blob(cfg_doc, mt.MODELPACK_CONFIG)
-        art_type = mt.MODELPACK_ARTIFACT
-    else:
-        empty = digest_bytes(mt.OCI_EMPTY_DATA)
-        b._add_blob(Blob(empty, 2, mt.OCI_EMPTY, data=mt.OCI_EMPTY_DATA, what="empty config"))
-        config = Descriptor(mt.OCI_EMPTY, empty, 2, data=mt.OCI_EMPTY_DATA)
-        art_type = artifact_type or DEFAULT_ARTIFACT_TYPE
-        if not layers:  # OCI 1.1: an artifact without content has the empty descriptor as its layer
-            layers.append(Descriptor(mt.OCI_EMPTY, empty, 2, data=mt.OCI_EMPTY_DATA))
-    body = _manifest_doc(config, layers, art_type, anns)
-    mdigest = digest_bytes(body)
-    if plats is None:
-        info = [ManifestInfo(None, mdigest, len(body))]
-        return Built(fmt, mt.OCI_MANIFEST, body, mdigest, info, [], b.blobs, layers)
-    index = _index_doc([(body, p) for p in plats], anns)
-    infos = [ManifestInfo(p, mdigest, len(body)) for p in plats]
-    return Built(fmt, mt.OCI_INDEX, index, digest_bytes(index), infos, [(body, mt.OCI_MANIFEST)], b.blobs, layers)
+        tree_layer = b.tar_layer(tree, tree_type)
+
+    def finish() -> Built:
+        layers: list[Descriptor] = []
+        diff_ids: list[Digest] = []
+        formats: set[str] = set()
+        for e in raw:
+            d = blobs[e.path].digest
+            assert d is not None
+            a: dict[str, str] = {}
+            if modelpack:
+                kind, guessed = modelpack_kind(e.path, e.size, b.large_file_size)
+                media_type = f"{mt.MODELPACK_LAYER_PREFIX}{kind}.v1.raw"
+                a[mt.ANN_CNCF_FILEPATH] = e.path
+                a[mt.ANN_CNCF_FILE_METADATA] = _file_metadata(e, b.mtime)
+                if guessed:
+                    a[ANN_UNTESTED] = "true"
+                a[mt.ANN_TITLE] = e.path
+                if kind == "weight":
+                    fmt_name = _FORMAT_BY_EXT.get(os.path.splitext(e.path.lower())[1])
+                    if fmt_name:
+                        formats.add(fmt_name)
+            else:
+                media_type = RAW_FILE_TYPE
+                a[mt.ANN_CNCF_FILE_METADATA] = _file_metadata(e, b.mtime)
+                a[mt.ANN_TITLE] = e.path
+            layers.append(Descriptor(media_type, d, e.size, annotations=dict(sorted(a.items()))))
+            diff_ids.append(d)
+        if tree_layer is not None:
+            layers.append(tree_layer.descriptor(tree_ann))
+            diff_ids.append(tree_layer.uncompressed)
+        if modelpack:
+            model_config: dict[str, Any] = {}
+            if len(formats) == 1:
+                model_config["format"] = formats.pop()
+            descriptor: dict[str, Any] = {}
+            if b.mtime:
+                descriptor["createdAt"] = _rfc3339(b.mtime)
+            cfg_doc = {
+                "descriptor": descriptor,
+                "modelfs": {"type": "layers", "diffIds": [str(d) for d in diff_ids]},
+                "config": model_config,
+            }
+            config = b.json_blob(cfg_doc, mt.MODELPACK_CONFIG)
+            art_type = mt.MODELPACK_ARTIFACT
+        else:
+            empty = digest_bytes(mt.OCI_EMPTY_DATA)
+            b._add_blob(Blob(empty, 2, mt.OCI_EMPTY, data=mt.OCI_EMPTY_DATA, what="empty config"))
+            config = Descriptor(mt.OCI_EMPTY, empty, 2, data=mt.OCI_EMPTY_DATA)
+            art_type = artifact_type or DEFAULT_ARTIFACT_TYPE
+            if not layers:  # OCI 1.1: an artifact without content has the empty descriptor as its layer
+                layers.append(Descriptor(mt.OCI_EMPTY, empty, 2, data=mt.OCI_EMPTY_DATA))
+        body = _manifest_doc(config, layers, art_type, anns)
+        mdigest = digest_bytes(body)
+        if plats is None:
+            info = [ManifestInfo(None, mdigest, len(body))]
+            return Built(fmt, mt.OCI_MANIFEST, body, mdigest, info, [], b.blobs, layers)
+        index = _index_doc([(body, p) for p in plats], anns)
+        infos = [ManifestInfo(p, mdigest, len(body)) for p in plats]
+        return Built(fmt, mt.OCI_INDEX, index, digest_bytes(index), infos, [(body, mt.OCI_MANIFEST)], b.blobs, layers)
+
+    return finish
 
 
 # ------------------------------------------------------------------------------------------------
 # Writing
 
 
-def write(
-    built: Built, sink: Sink, *, concurrency: int = DEFAULT_CONCURRENCY, progress: ProgressFn | None = None
-) -> Descriptor:
-    """Blobs in parallel (bounded), then the child manifests, then the root under the sink's tag."""
-    blobs = sorted(built.blobs.values(), key=lambda x: (-x.size, x.digest))
-    _emit(progress, "resolved", digest=str(built.digest), size=sum(x.size for x in blobs))
+def _push_blobs(
+    blobs: Sequence[Blob],
+    sink: Sink,
+    *,
+    concurrency: int,
+    progress: ProgressFn | None,
+    cache: DigestCache | None = None,
+    cache_info: Mapping[int, _CacheInfo] | None = None,
+    written: set[Digest] | None = None,
+) -> None:
+    """Write blobs in parallel (bounded), largest first. A blob without a digest gets one: from the
+    cache when the destination has it (then it is not read at all), else by reading it, first or while
+    the sink writes it (:meth:`Sink.wants_digest_first`). ``written``: digests written so far (a blob
+    of the same content is written once); updated."""
+    written = set() if written is None else written
+    infos = cache_info or {}
+    mu = threading.Lock()
 
-    def one(blob: Blob) -> str:
-        _emit(progress, "blob-start", digest=str(blob.digest), size=blob.size)
+    def one(blob: Blob) -> None:
+        label = str(blob.digest) if blob.digest is not None else f"upload:{blob.what}"
+        _emit(progress, "blob-start", digest=label, size=blob.size)
+        info = infos.get(id(blob))
+        if blob.digest is None and cache is not None and info is not None:
+            known = cache.get(info.key)
+            if known is not None and sink.has_blob(known, blob.size):
+                blob.digest = known
+                sink.stats.add(skipped=1)
+                with mu:
+                    written.add(known)
+                _emit(progress, "blob-done", digest=label, size=blob.size, cached=True, message=f"skipped {known}")
+                return
+        started = time.time_ns()
+        read_here = blob.digest is None
+        if blob.digest is None and sink.wants_digest_first(blob):
+            hash_blob(blob)
+        if blob.digest is not None:
+            with mu:
+                duplicate = blob.digest in written
+                written.add(blob.digest)
+            if duplicate:  # the same content as another blob, which is written
+                _emit(progress, "blob-done", digest=label, size=blob.size, cached=True, message="duplicate")
+                return
 
         def tick(n: int) -> None:
-            _emit(progress, "bytes", digest=str(blob.digest), n=n)
+            _emit(progress, "bytes", digest=label, n=n)
 
         how = sink.put_blob(blob, tick if progress is not None else None)
-        _emit(progress, "blob-done", digest=str(blob.digest), size=blob.size, cached=how != "pushed", message=how)
-        return how
+        assert blob.digest is not None
+        with mu:
+            written.add(blob.digest)
+        if read_here and cache is not None and info is not None:
+            cache.put(info.key, blob.digest, info.newest_ctime_ns, started)
+        message = how if label == blob.digest else f"{how} {blob.digest}"
+        _emit(progress, "blob-done", digest=label, size=blob.size, cached=how != "pushed", message=message)
 
-    _run_parallel([lambda x=x: one(x) for x in blobs], concurrency)
+    order = sorted(blobs, key=lambda x: (-x.size, x.digest or "", x.what))
+    _run_parallel([lambda x=x: one(x) for x in order], concurrency)
+
+
+def _write_documents(built: Built, sink: Sink, progress: ProgressFn | None) -> Descriptor:
+    """The child manifests, then the root under the sink's tag."""
     seen: set[Digest] = set()
     for body, media_type in built.children:
         d = digest_bytes(body)
@@ -758,6 +936,16 @@ def write(
     root = sink.put_root(built.body, built.media_type)
     _emit(progress, "done", digest=str(root.digest), size=root.size)
     return root
+
+
+def write(
+    built: Built, sink: Sink, *, concurrency: int = DEFAULT_CONCURRENCY, progress: ProgressFn | None = None
+) -> Descriptor:
+    """Blobs in parallel (bounded), then the child manifests, then the root under the sink's tag."""
+    blobs = list(built.blobs.values())
+    _emit(progress, "resolved", digest=str(built.digest), size=sum(x.size for x in blobs))
+    _push_blobs(blobs, sink, concurrency=concurrency, progress=progress)
+    return _write_documents(built, sink, progress)
 
 
 def pack(
@@ -778,6 +966,7 @@ def pack(
     mount_from: Iterable[str] = (),
     workdir: str | os.PathLike[str] | None = None,
     sink: Sink | None = None,
+    digest_cache: DigestCache | str | os.PathLike[str] | None = None,
 ) -> PackResult:
     """Pack ``directory`` and push it to ``ref`` (a registry reference, or ``oci:PATH[:TAG]``).
 
@@ -786,7 +975,13 @@ def pack(
     :class:`imagevol.sources.registry.RegistryOptions`. ``progress`` receives
     :class:`imagevol.pull.ProgressEvent` values. ``chunk_size``: bytes per PATCH of a chunked
     upload (blobs up to that size go in one PUT). ``mount_from``: repositories on the same registry
-    to mount blobs from.
+    to mount blobs from. ``digest_cache``: a :class:`~imagevol.sinks.digestcache.DigestCache` or its
+    file (default: the user's, see that module).
+
+    Layers are pushed first: an uncompressed layer (a raw file, or a tar layer streamed from the files
+    it holds) is read once, hashed while it uploads, unless a registry is to be asked first (small
+    blobs, ``mount_from``, digests in the cache); then the configs, manifests and the root, whose
+    digests depend on the layers'.
     """
     t0 = time.monotonic()
     if sink is None:
@@ -796,7 +991,8 @@ def pack(
 
         if isinstance(sink, LayoutSink):
             workdir = sink.path  # scratch files are renamed into the layout's blobs
-    built = build(
+    cache = digest_cache if isinstance(digest_cache, DigestCache) else DigestCache.open(digest_cache)
+    draft = _draft(
         directory,
         format=format,
         platforms=platforms,
@@ -809,10 +1005,29 @@ def pack(
         workdir=workdir,
         progress=progress,
     )
+    built: Built | None = None
     try:
-        root = write(built, sink, concurrency=concurrency, progress=progress)
+        layer_blobs = list(draft.builder.layer_blobs)
+        _emit(progress, "resolved", digest=None, size=sum(x.size for x in layer_blobs), message=sink.describe())
+        written: set[Digest] = set()
+        _push_blobs(
+            layer_blobs,
+            sink,
+            concurrency=concurrency,
+            progress=progress,
+            cache=cache,
+            cache_info=draft.builder.cache_info,
+            written=written,
+        )
+        built = draft.complete()
+        rest = [x for d, x in built.blobs.items() if d not in written]
+        _push_blobs(rest, sink, concurrency=concurrency, progress=progress, written=written)
+        root = _write_documents(built, sink, progress)
+        cache.save()
     finally:
-        built.cleanup()
+        draft.cleanup()
+        if built is not None:
+            built.cleanup()
         with contextlib.suppress(Exception):
             sink.close()
     st = sink.stats

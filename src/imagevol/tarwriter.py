@@ -32,6 +32,7 @@ __all__ = [
     "GZIP_LEVEL",
     "ZSTD_LEVEL",
     "LayerWriter",
+    "TarParts",
     "TarWriter",
     "source_date_epoch",
 ]
@@ -131,7 +132,17 @@ class TarWriter:
         self._pad(len(data))
 
     def add_file(self, name: str, path: str | os.PathLike[str], mode: int, size: int) -> None:
-        """Stream the regular file ``path`` as entry ``name``; it must still be ``size`` bytes long."""
+        """Stream the regular file ``path`` as entry ``name``; it must still be ``size`` bytes long.
+
+        An output with ``add_file_part(path, size)`` (:class:`TarParts`) is handed the file instead of
+        its bytes."""
+        add_part = getattr(self.out, "add_file_part", None)
+        if add_part is not None:
+            self._header(name, tarfile.REGTYPE, mode, size=size)
+            add_part(path, size)
+            self.size += size
+            self._pad(size)
+            return
         with open(path, "rb", buffering=0) as f:
             self._header(name, tarfile.REGTYPE, mode, size=size)
             left = size
@@ -204,3 +215,38 @@ class LayerWriter:
         if self._compressor is None:
             return self.blob.digest(), self.blob.size, self.blob.digest(), self.blob.size
         return self.blob.digest(), self.blob.size, self.raw.digest(), self.raw.size
+
+
+class TarParts:
+    """An uncompressed tar layer described without reading a byte of file data: headers, padding and
+    the end of the archive as ``bytes`` parts, each file's data as a
+    :class:`imagevol.sinks.FileRange` of the file itself (read when the layer is hashed or sent).
+    The concatenation is exactly what :class:`TarWriter` writes. Add entries through :attr:`tar`,
+    then call :meth:`finish`."""
+
+    def __init__(self, *, mtime: int = 0) -> None:
+        self.parts: list[Any] = []
+        self._pending = bytearray()
+        self.tar = TarWriter(self, mtime=mtime)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._pending += data
+        return len(data)
+
+    def add_file_part(self, path: str | os.PathLike[str], size: int) -> None:
+        from .sinks import FileRange
+
+        self._flush()
+        if size:
+            self.parts.append(FileRange(path, 0, size, file_size=size))
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.parts.append(bytes(self._pending))
+            self._pending = bytearray()
+
+    def finish(self) -> tuple[tuple[Any, ...], int]:
+        """End the archive; returns (parts, size)."""
+        self.tar.close()
+        self._flush()
+        return tuple(self.parts), self.tar.size

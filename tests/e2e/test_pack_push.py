@@ -277,6 +277,98 @@ def test_chunk_counts_through_the_api(registry, tmp_path: Path, unique_repo: str
     assert got["layers"][0]["size"] == 3 * MiB + 5
 
 
+def _log_since(registry, offset: int) -> str:
+    with open(registry.log_file, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+def test_large_blobs_are_hashed_while_they_upload(
+    registry, tmp_path: Path, unique_repo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob from ``stream_min_size`` on is read once: hashed while its PATCH requests go out, its
+    digest given with the final PUT (no HEAD before: its digest was not known). The digest cache then
+    lets a second push skip it without reading it; without the cache it is sent again."""
+    from imagevol.reference import parse_reference
+    from imagevol.sinks import digestcache
+    from imagevol.sinks.registry import RegistrySink
+
+    monkeypatch.setattr(digestcache, "RACY_NS", 0)  # the files are written just now
+    d = tmp_path / "m"
+    d.mkdir()
+    big = os.urandom(3 * MiB + 5)
+    (d / "weights.bin").write_bytes(big)
+    (d / "config.json").write_text('{"a": 1}')
+    ref = f"{registry.host}/{unique_repo}:s"
+    cache = tmp_path / "digests.json"
+
+    def push(cache_file: Path | None) -> tuple:
+        sink = RegistrySink(parse_reference(ref), chunk_size=1 * MiB, stream_min_size=2 * MiB)
+        events: list = []
+        before = registry.log_file.stat().st_size
+        res = pack(
+            d,
+            ref,
+            format="artifact",
+            sink=sink,
+            digest_cache=cache_file if cache_file is not None else tmp_path / "none" / "x.json",
+            progress=events.append,
+        )
+        return res, events, _log_since(registry, before)
+
+    first, events, log = push(cache)
+    weights = "sha256:" + hashlib.sha256(big).hexdigest()
+    assert {x.title: str(x.digest) for x in first.layers}["weights.bin"] == weights
+    assert first.chunks == 4 and first.blobs_pushed == 3 and first.bytes_pushed == len(big) + 8 + 2
+    assert f"HEAD /v2/{unique_repo}/blobs/{weights}" not in log  # nothing to ask before: hashed on the way
+    assert f"PUT /v2/{unique_repo}/blobs/uploads/" in log
+    # progress: the streamed blob is named by its file until its digest is known
+    mine = [e for e in events if e.digest == "upload:weights.bin"]
+    assert mine[0].kind == "blob-start" and mine[-1].kind == "blob-done"
+    assert sum(e.n for e in mine if e.kind == "bytes") == len(big)
+    assert mine[-1].message == f"pushed {weights}"
+    # what the registry holds is the file, bit for bit
+    manifest = skopeo_raw(registry, f"{unique_repo}:s")
+    assert [x["digest"] for x in manifest["layers"]] == [str(x.digest) for x in first.layers]
+
+    second, _, log = push(cache)
+    assert second.digest == first.digest
+    assert second.blobs_pushed == 0 and second.bytes_pushed == 0 and second.blobs_skipped == 3
+    assert f"HEAD /v2/{unique_repo}/blobs/{weights}" in log and "PATCH" not in log
+
+    third, _, _ = push(None)  # no cache: the large blob goes again, the small ones are asked for first
+    assert third.digest == first.digest
+    assert third.blobs_pushed == 1 and third.blobs_skipped == 2 and third.bytes_pushed == len(big)
+
+
+def test_image_layers_stream_from_the_files(registry, tmp_path: Path, unique_repo: str) -> None:
+    """An uncompressed image layer is sent from the file it holds (tar header, the file, padding),
+    hashed on the way; umoci unpacks what skopeo copies of it."""
+    need("skopeo")
+    need("umoci")
+    from imagevol.reference import parse_reference
+    from imagevol.sinks.registry import RegistrySink
+
+    d = tmp_path / "m"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "big.bin").write_bytes(os.urandom(3 * MiB + 123))
+    (d / "small.txt").write_text("small")
+    ref = f"{registry.host}/{unique_repo}:img"
+    work = tmp_path / "work"
+    work.mkdir()
+    sink = RegistrySink(parse_reference(ref), chunk_size=1 * MiB, stream_min_size=1 * MiB)
+    res = pack(
+        d, ref, platforms=["linux/amd64"], large_file_size=1 * MiB, sink=sink, workdir=work, digest_cache=tmp_path / "c"
+    )
+    assert res.chunks >= 4 and res.blobs_pushed == 3
+    assert list(work.iterdir()) == []  # the scratch directory is gone
+    layout = tmp_path / "layout"
+    run("skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{layout}:t")
+    out = tmp_path / "bundle"
+    run("umoci", "raw", "unpack", *(["--rootless"] if os.geteuid() != 0 else []), "--image", f"{layout}:t", str(out))
+    assert tree_diffs(out, d) == []
+
+
 def test_cross_repository_mount(registry, model: Path, unique_repo: str) -> None:
     base = f"{unique_repo}-base"
     first = pack(

@@ -17,7 +17,7 @@ import zstandard
 
 from imagevol import mediatypes as mt
 from imagevol.digest import digest_bytes
-from imagevol.errors import UsageError
+from imagevol.errors import ImagevolError, UsageError
 from imagevol.manifest import Index, Manifest, parse_config, parse_manifest
 from imagevol.pack import (
     DEFAULT_PLATFORMS,
@@ -29,10 +29,13 @@ from imagevol.pack import (
     scan_tree,
 )
 from imagevol.reference import parse_layout_reference
-from imagevol.sinks import FileRange
+from imagevol.sinks import Blob, FileRange, hash_blob
+from imagevol.sinks import digestcache as dc
+from imagevol.sinks.digestcache import DigestCache
 from imagevol.sinks.layout import LayoutSink
+from imagevol.sinks.registry import _Body
 from imagevol.sources.layout import LayoutSource
-from imagevol.tarwriter import LayerWriter, TarWriter
+from imagevol.tarwriter import LayerWriter, TarParts, TarWriter
 
 MiB = 1 << 20
 
@@ -74,8 +77,7 @@ def members(data: bytes, compression: str = "none") -> list[tarfile.TarInfo]:
 
 
 def blob_bytes(built, digest) -> bytes:
-    b = built.blobs[digest]
-    return b.data if b.data is not None else b.path.read_bytes()
+    return built.blobs[digest].read_bytes()
 
 
 @pytest.fixture
@@ -154,6 +156,103 @@ def test_file_that_changes_size_is_refused(tmp_path: Path) -> None:
         w.add_file("f", f, 0o644, 3)
     with pytest.raises(Exception, match="shrank"):
         TarWriter(io.BytesIO()).add_file("f", f, 0o644, 9)
+
+
+def test_tar_parts_are_the_bytes_the_tar_writer_writes(tree: Path) -> None:
+    """An uncompressed layer described as parts (headers in memory, files where they are) is, byte
+    for byte, the tar the writer streams; no file is read to describe it."""
+    entries = scan_tree(tree)
+    out = io.BytesIO()
+    w = TarWriter(out)
+    tp = TarParts()
+    for t in (w, tp.tar):
+        for e in entries:
+            if e.kind == "dir":
+                t.add_dir(e.path, e.mode)
+            elif e.kind == "symlink":
+                t.add_symlink(e.path, e.target)
+            elif e.kind == "hardlink":
+                t.add_hardlink(e.path, e.target, e.mode)
+            else:
+                t.add_file(e.path, e.source, e.mode, e.size)
+    w.close()
+    parts, size = tp.finish()
+    assert size == len(out.getvalue())
+    assert {p.path for p in parts if isinstance(p, FileRange)} == {Path(e.source) for e in entries if e.kind == "file"}
+    blob = Blob(None, size, parts=parts)
+    assert blob.read_bytes() == out.getvalue()
+    assert hash_blob(blob) == digest_bytes(out.getvalue()) == blob.digest
+    # any window of the blob, across parts, as the chunked upload reads it
+    buf = bytearray(1000)
+    for start, length in ((0, 1), (511, 1026), (size - 1500, 1500), (700, size - 700)):
+        got = b"".join(bytes(v) for v in blob.views(buf, start, length))
+        assert got == out.getvalue()[start : start + length]
+
+
+def test_file_parts_refuse_files_that_changed(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 5000)
+    blob = Blob(None, 5000, parts=(b"head", FileRange(f, 0, 4996, file_size=4996)))
+    with pytest.raises(ImagevolError, match="changed size"):
+        hash_blob(blob)  # the file is longer than when it was scanned
+    f.write_bytes(b"x" * 100)
+    with pytest.raises(ImagevolError, match="shrank"):
+        hash_blob(blob)
+    f.unlink()
+    with pytest.raises(ImagevolError, match="cannot read"):
+        hash_blob(blob)
+    assert blob.digest is None
+
+
+def test_upload_body_hashes_what_it_sends_and_restarts_when_sent_again(tmp_path: Path) -> None:
+    """A retried request sends the body again: the running hash restarts from its state before the
+    chunk, so the digest covers each byte once."""
+    data = os.urandom(3 * MiB + 17)
+    f = tmp_path / "f"
+    f.write_bytes(data)
+    blob = Blob(None, len(data), parts=(FileRange(f, 0, len(data), file_size=len(data)),))
+    before = hashlib.sha256(data[:100])
+    body = _Body(blob, 100, 2 * MiB, bytearray(MiB), None, before)
+    partial = iter(body)
+    next(partial)  # a first attempt that broke after one piece
+    assert body.hashed is None
+    sent = b"".join(bytes(v) for v in body)
+    assert sent == data[100 : 100 + 2 * MiB]
+    assert body.hashed.hexdigest() == hashlib.sha256(data[: 100 + 2 * MiB]).hexdigest()
+    assert before.hexdigest() == hashlib.sha256(data[:100]).hexdigest()  # left as it was
+
+
+def test_digest_cache_round_trip_and_racy_files(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "digests.json"
+    cache = DigestCache(path)
+    d = digest_bytes(b"x")
+    now = 10 * dc.RACY_NS
+    assert cache.put("raw:a", d, newest_ctime_ns=now - 3 * dc.RACY_NS, read_started_ns=now)
+    # a file changed within the racy window of the read is not remembered
+    assert not cache.put("raw:b", d, newest_ctime_ns=now - dc.RACY_NS // 2, read_started_ns=now)
+    cache.save()
+    again = DigestCache(path)
+    assert again.get("raw:a") == d and again.get("raw:b") is None and again.get(None) is None
+    # another process's entries are kept when this one saves
+    other = DigestCache(path)
+    other.put("raw:c", d, newest_ctime_ns=0, read_started_ns=now)
+    again.put("raw:d", d, newest_ctime_ns=0, read_started_ns=now)
+    other.save()
+    again.save()
+    assert {k for k in ("raw:a", "raw:c", "raw:d") if DigestCache(path).get(k) == d} == {"raw:a", "raw:c", "raw:d"}
+    path.write_text("not json")
+    assert DigestCache(path).get("raw:a") is None  # unreadable: ignored
+    assert DigestCache(None).put("raw:a", d, newest_ctime_ns=0, read_started_ns=now) is False
+
+
+def test_digest_cache_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IMAGEVOL_PACK_CACHE", "off")
+    assert dc.default_cache_path() is None
+    monkeypatch.setenv("IMAGEVOL_PACK_CACHE", str(tmp_path / "x.json"))
+    assert dc.default_cache_path() == tmp_path / "x.json"
+    monkeypatch.delenv("IMAGEVOL_PACK_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert dc.default_cache_path() == tmp_path / "imagevol" / "pack-digests.json"
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
@@ -506,3 +605,71 @@ def test_layout_sink_blob_modes(tmp_path: Path) -> None:
         (tmp_path / "junk").mkdir()
         (tmp_path / "junk" / "file").write_text("x")
         LayoutSink(tmp_path / "junk")
+
+
+def test_second_pack_into_a_layout_reads_no_file_with_the_digest_cache(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imagevol.pack as pack_module
+
+    monkeypatch.setattr(dc, "RACY_NS", 0)  # the files were written just now
+    calls: list[str] = []
+    real = pack_module.hash_blob
+
+    def counting(blob, *a, **kw):
+        calls.append(blob.what)
+        return real(blob, *a, **kw)
+
+    monkeypatch.setattr(pack_module, "hash_blob", counting)
+    layout = tmp_path / "layout"
+    kw = dict(format="image", platforms=["linux/amd64"], large_file_size=1 * MiB, digest_cache=tmp_path / "c.json")
+    first = pack(tree, f"oci:{layout}:v1", **kw)
+    assert calls and first.blobs_pushed == 4  # small-files layer, 2 shard layers, config
+    calls.clear()
+    second = pack(tree, f"oci:{layout}:v2", **kw)
+    assert calls == [] and second.digest == first.digest
+    assert second.blobs_skipped == 4 and second.bytes_pushed == 0
+    # a changed file is read again (its ctime moved), the others are not
+    (tree / "README.md").write_text("# changed\n")
+    third = pack(tree, f"oci:{layout}:v3", **kw)
+    assert calls == ["files"] and third.digest != first.digest
+    # without a cache every layer is read again (and found in the layout)
+    calls.clear()
+    fourth = pack(tree, f"oci:{layout}:v4", **{**kw, "digest_cache": DigestCache(None)})
+    assert sorted(calls) == sorted(["files", "model-00002.safetensors", "alias.safetensors"])
+    assert fourth.digest == third.digest and fourth.blobs_skipped == 4
+
+
+def test_large_blobs_are_hashed_while_copied_into_a_layout(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imagevol.pack as pack_module
+    import imagevol.sinks.layout as layout_module
+
+    monkeypatch.setattr(layout_module, "STREAM_MIN_SIZE", 1 * MiB)  # the 2 MiB shards stream
+    calls: list[str] = []
+    real = pack_module.hash_blob
+    monkeypatch.setattr(
+        pack_module, "hash_blob", lambda blob, *a, **kw: calls.append(blob.what) or real(blob, *a, **kw)
+    )
+    layout = tmp_path / "layout"
+    kw = dict(format="artifact", digest_cache=DigestCache(None))
+    first = pack(tree, f"oci:{layout}:a", **kw)
+    shards = {"alias.safetensors", "model-00002.safetensors"}
+    assert calls and not shards & set(calls)  # small blobs hashed first, the shards while copied
+    built = build(tree, format="artifact")
+    try:
+        assert first.digest == built.digest  # the same digests as hashing first
+    finally:
+        built.cleanup()
+    # every distinct blob once (tok/tokenizer.json holds "{}": the empty config's bytes)
+    assert first.blobs_pushed == len({x.digest for x in first.layers} | {mt.OCI_EMPTY_DIGEST})
+    # again, without a cache: the shards are copied again, found there, and the copies dropped
+    calls.clear()
+    again = pack(tree, f"oci:{layout}:b", **kw)
+    assert again.digest == first.digest and again.blobs_pushed == 0 and again.bytes_pushed == 0
+    assert not [p for p in (layout / "blobs" / "sha256").iterdir() if p.name.startswith(".")]
+    src = LayoutSource(parse_layout_reference(f"oci:{layout}:b"))
+    _, m = src.resolve()
+    for x in m.layers:
+        src.blob_bytes(x, 1 << 30)  # verified against the digest

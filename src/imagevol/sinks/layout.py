@@ -25,12 +25,13 @@ from ..errors import DigestMismatchError, ManifestError, UsageError
 from ..fsutil import fsync_dir as _fsync_dir
 from ..manifest import Descriptor
 from ..reference import LayoutReference
-from . import Blob, PushStats
+from . import PIECE, Blob, PushStats
 
 __all__ = ["LayoutSink"]
 
-CHUNK = 1 << 20
 LAYOUT_VERSION = "1.0.0"
+# Blobs without a digest from this size on are hashed while they are copied in.
+STREAM_MIN_SIZE = 32 << 20
 
 
 class LayoutSink:
@@ -199,38 +200,69 @@ class LayoutSink:
         return True
 
     def _copy_verified(self, src: Path, d: Digest, size: int, progress: Callable[[int], None] | None) -> None:
-        def fill(fd: int) -> None:
-            h = hashlib.new(d.algorithm)
-            n = 0
-            with open(src, "rb", buffering=0) as f:
-                while data := f.read(CHUNK):
-                    h.update(data)
-                    _write_all(fd, data)
-                    n += len(data)
+        self._copy_blob(Blob(d, size, path=src, what=str(src)), progress)  # verified against d
+
+    def _copy_blob(self, blob: Blob, progress: Callable[[int], None] | None) -> bool:
+        """Write the blob's bytes (read once, into one reused buffer) under their digest: checked
+        against ``blob.digest`` when it has one, else computed on the way and set. False when the
+        layout turned out to have the blob already (the copy is dropped)."""
+        want = blob.digest
+        h = hashlib.new(want.algorithm if want is not None else "sha256")
+        d = self.path / "blobs" / h.name
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            try:
+                n = 0
+                for view in blob.views(bytearray(min(PIECE, max(blob.size, 1)))):
+                    h.update(view)
+                    _write_all(fd, view)
+                    n += len(view)
                     if progress:
-                        progress(len(data))
-            got = f"{d.algorithm}:{h.hexdigest()}"
-            if got != d or n != size:
+                        progress(len(view))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            got = Digest(f"{h.name}:{h.hexdigest()}")
+            if (want is not None and got != want) or n != blob.size:
                 raise DigestMismatchError(
-                    f"{src} changed: it is now {got} ({n} bytes), expected {d} ({size} bytes)",
+                    f"{blob.what or 'a blob'} changed: it is now {got} ({n} bytes), expected "
+                    f"{want or 'the bytes it was packed with'} ({blob.size} bytes)",
                     hint="do not modify the directory while it is packed",
                 )
+            if blob.digest is None:
+                blob.digest = got
+            if self.has_blob(got, blob.size):
+                tmp.unlink()
+                return False
+            os.replace(tmp, self.blob_path(got))
+            return True
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
-        self._finish_tmp(self._tmp_blob(d), d, fill)
+    def wants_digest_first(self, blob: Blob) -> bool:
+        # Small blobs: hashed first, so one the layout has is not written again. Large ones are
+        # hashed while they are copied (read once); the digest cache spares unchanged files both.
+        return blob.size < STREAM_MIN_SIZE
 
     def put_blob(self, blob: Blob, progress: Callable[[int], None] | None = None) -> str:
-        if self.has_blob(blob.digest, blob.size):
+        if blob.digest is not None and self.has_blob(blob.digest, blob.size):
             self.stats.add(skipped=1)
             return "skipped"
         if blob.data is not None:
-            self.put_blob_bytes(blob.data, blob.digest)
+            blob.digest = self.put_blob_bytes(blob.data, blob.digest)
             if progress:
                 progress(blob.size)
-        else:
-            assert blob.path is not None
+        elif blob.path is not None and blob.digest is not None:
             self.put_blob_file(
                 blob.path, blob.digest, blob.size, mode="move" if blob.temporary else "copy", progress=progress
             )
+        elif not self._copy_blob(blob, progress):
+            self.stats.add(skipped=1)
+            return "skipped"
         self.stats.add(pushed=1, bytes_pushed=blob.size)
         return "pushed"
 
@@ -293,7 +325,7 @@ class LayoutSink:
         pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -1,13 +1,22 @@
 """Push to a registry (distribution spec, push side).
 
-Per blob: ``HEAD`` first (present: skipped); then, when the blob is known in one of the
-``mount_from`` repositories on the same registry, a cross-repository mount
+Per blob whose digest is known: ``HEAD`` first (present: skipped); then, when the blob is known in
+one of the ``mount_from`` repositories on the same registry, a cross-repository mount
 (``POST /v2/<repo>/blobs/uploads/?mount=<digest>&from=<repo>``: 201 mounted; 202 means the
 registry declined and opened an upload session, which is then used). Otherwise an upload:
 monolithic (``POST`` then ``PUT ?digest=`` with the body) up to the chunk size, chunked above it
 (``PATCH`` requests of at most ``chunk_size`` bytes with ``Content-Range: start-end``, one after
-the other, each to the ``Location`` the previous answer gave, then ``PUT ?digest=``). Bodies are
-streamed from disk in 1 MiB pieces (constant memory) and re-sent from their start when the client
+the other, each to the ``Location`` the previous answer gave, then ``PUT ?digest=``).
+
+A blob without a digest (a large file, or a tar layer streamed from the files it holds) is hashed
+while it uploads: ``POST``, the chunked ``PATCH`` requests with the bytes hashed as they are sent,
+then ``PUT ?digest=`` with the digest just computed; each byte is read once. Such a blob cannot be
+skipped (its digest is not known before it is sent): pack asks for the digest first
+(:meth:`RegistrySink.wants_digest_first`) for blobs under ``stream_min_size``, with
+``mount_from``, or when a digest cache knows it.
+
+Bodies are read in 1 MiB pieces into one reused buffer per upload (constant memory) and re-sent
+from their start, with the hash restarted from the state before the request, when the client
 retries a request. Upload locations may be relative (distribution 2.8) or absolute; a location on
 another host is used without the registry's credentials.
 """
@@ -15,8 +24,9 @@ another host is used without the registry's credentials.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -27,13 +37,15 @@ from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryErro
 from ..manifest import Descriptor
 from ..reference import Reference
 from ..sources.registry import RegistryClient, RegistryOptions, Transport, oci_error_text
-from . import Blob, FileRange, PushStats
+from . import PIECE, Blob, PushStats
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "RegistrySink"]
 
 log = logging.getLogger("imagevol.push")
 
 DEFAULT_CHUNK_SIZE = 64 << 20
+# Blobs from this size on are hashed while they upload unless their digest is already known.
+DEFAULT_STREAM_MIN_SIZE = 32 << 20
 BLOB_ATTEMPTS = 2
 OCTET = "application/octet-stream"
 
@@ -49,6 +61,7 @@ class RegistrySink:
         transport: Transport | None = None,
         mount_from: Iterable[str] = (),
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stream_min_size: int = DEFAULT_STREAM_MIN_SIZE,
     ) -> None:
         if ref.digest is not None:
             raise UsageError(
@@ -72,6 +85,7 @@ class RegistrySink:
         self.repo = ref.path
         self.client = RegistryClient(transport, self.host, self.repo, actions="pull,push")
         self.chunk_size = chunk_size
+        self.stream_min_size = stream_min_size
         self.mount_from = self._mount_repos(mount_from)
         self.stats = PushStats()
 
@@ -184,17 +198,22 @@ class RegistrySink:
             return False, self._location(r, "mount")
         return False, None
 
+    def wants_digest_first(self, blob: Blob) -> bool:
+        return blob.size < self.stream_min_size or bool(self.mount_from)
+
     def put_blob(self, blob: Blob, progress: Callable[[int], None] | None = None) -> str:
-        what = f"upload of blob {blob.digest.short}" + (f" ({blob.what})" if blob.what else "")
-        if self.has_blob(blob.digest):
-            self.stats.add(skipped=1)
-            return "skipped"
+        label = blob.digest.short if blob.digest is not None else "(digest computed on the way)"
+        what = f"upload of blob {label}" + (f" ({blob.what})" if blob.what else "")
         location: str | None = None
-        if self.mount_from:
-            mounted, location = self._try_mount(blob.digest)
-            if mounted:
-                self.stats.add(mounted=1)
-                return "mounted"
+        if blob.digest is not None:
+            if self.has_blob(blob.digest):
+                self.stats.add(skipped=1)
+                return "skipped"
+            if self.mount_from:
+                mounted, location = self._try_mount(blob.digest)
+                if mounted:
+                    self.stats.add(mounted=1)
+                    return "mounted"
         for attempt in range(BLOB_ATTEMPTS):
             if location is None:
                 r = self.client.request(
@@ -202,7 +221,10 @@ class RegistrySink:
                 )
                 location = self._location(r, what)
             try:
-                self._upload(blob, location, what, progress)
+                if blob.digest is None:
+                    blob.digest = self._upload_hashing(blob, location, what, progress)
+                else:
+                    self._upload(blob, location, what, progress)
                 self.stats.add(pushed=1, bytes_pushed=blob.size)
                 return "pushed"
             except (TransportError, RegistryError) as e:
@@ -217,55 +239,90 @@ class RegistrySink:
                 location = None
         raise AssertionError("unreachable")
 
-    def _body(self, blob: Blob, start: int, length: int, progress: Callable[[int], None] | None) -> Any:
-        if blob.data is not None:
+    def _body(self, blob: Blob, start: int, length: int, buf: bytearray, progress: Callable[[int], None] | None) -> Any:
+        if blob.data is not None and length == len(blob.data):
             if progress:
                 progress(length)
-            return blob.data[start : start + length]
-        assert blob.path is not None
-        return FileRange(blob.path, start, length, progress)
+            return blob.data
+        return _Body(blob, start, length, buf, progress)
+
+    def _patches(
+        self,
+        blob: Blob,
+        location: str,
+        what: str,
+        progress: Callable[[int], None] | None,
+        hasher: Any = None,
+    ) -> tuple[str, Any]:
+        """The blob in ``PATCH`` requests of at most ``chunk_size`` bytes; (the last Location, the hash
+        state after the last byte when ``hasher`` was given)."""
+        size = blob.size
+        buf = bytearray(min(PIECE, max(size, 1)))
+        offset = 0
+        while offset < size:
+            n = min(self.chunk_size, size - offset)
+            body = _Body(blob, offset, n, buf, progress, hasher)
+            r = self._at(
+                "PATCH",
+                location,
+                headers={
+                    "Content-Type": OCTET,
+                    "Content-Length": str(n),
+                    "Content-Range": f"{offset}-{offset + n - 1}",
+                },
+                body=body,
+                ok=(202, 204),
+                what=what,
+            )
+            if hasher is not None:
+                if body.hashed is None:  # the body was not read to its end, yet the registry took it
+                    raise RegistryError(f"{what}: the registry answered before the chunk at {offset} was sent")
+                hasher = body.hashed
+            location = self._location(r, what)
+            offset += n
+            self.stats.add(chunks=1)
+        return location, hasher
+
+    def _finish(self, location: str, digest: Digest, what: str) -> None:
+        r = self._at(
+            "PUT",
+            self._with_digest(location, digest),
+            headers={"Content-Length": "0"},
+            body=b"",
+            ok=(201, 204),
+            what=what,
+        )
+        self._check_digest(r, digest, what)
+
+    @staticmethod
+    def _check_digest(r: urllib3.BaseHTTPResponse, digest: Digest, what: str) -> None:
+        got = r.headers.get("Docker-Content-Digest")
+        if got and got != digest:
+            raise DigestMismatchError(f"{what}: the registry stored {got}, expected {digest}")
 
     def _upload(self, blob: Blob, location: str, what: str, progress: Callable[[int], None] | None) -> None:
+        assert blob.digest is not None
         size = blob.size
         if size <= self.chunk_size:
             r = self._at(
                 "PUT",
                 self._with_digest(location, blob.digest),
                 headers={"Content-Type": OCTET, "Content-Length": str(size)},
-                body=self._body(blob, 0, size, progress),
+                body=self._body(blob, 0, size, bytearray(min(PIECE, max(size, 1))), progress),
                 ok=(201, 204),
                 what=what,
             )
-        else:
-            offset = 0
-            while offset < size:
-                n = min(self.chunk_size, size - offset)
-                r = self._at(
-                    "PATCH",
-                    location,
-                    headers={
-                        "Content-Type": OCTET,
-                        "Content-Length": str(n),
-                        "Content-Range": f"{offset}-{offset + n - 1}",
-                    },
-                    body=self._body(blob, offset, n, progress),
-                    ok=(202, 204),
-                    what=what,
-                )
-                location = self._location(r, what)
-                offset += n
-                self.stats.add(chunks=1)
-            r = self._at(
-                "PUT",
-                self._with_digest(location, blob.digest),
-                headers={"Content-Length": "0"},
-                body=b"",
-                ok=(201, 204),
-                what=what,
-            )
-        got = r.headers.get("Docker-Content-Digest")
-        if got and got != blob.digest:
-            raise DigestMismatchError(f"{what}: the registry stored {got}, expected {blob.digest}")
+            self._check_digest(r, blob.digest, what)
+            return
+        location, _ = self._patches(blob, location, what, progress)
+        self._finish(location, blob.digest, what)
+
+    def _upload_hashing(self, blob: Blob, location: str, what: str, progress: Callable[[int], None] | None) -> Digest:
+        """Upload a blob whose digest is not known yet, hashing the bytes as they are sent."""
+        location, h = self._patches(blob, location, what, progress, hashlib.sha256())
+        digest = Digest("sha256:" + h.hexdigest())
+        self._finish(location, digest, what)
+        return digest
 
     # --- manifests ------------------------------------------------------------------------------
     def _put_manifest(self, body: bytes, media_type: str, reference: str) -> Descriptor:
@@ -292,3 +349,38 @@ class RegistrySink:
 
     def close(self) -> None:
         pass
+
+
+class _Body:
+    """Bytes ``[start, start + length)`` of a blob as a request body that can be sent again (a retry
+    iterates from the start). Pieces are views of ``buf``, read as they are sent. With ``hasher``
+    (the hash state before ``start``), the bytes are hashed into a copy of it on the way: ``hashed``
+    is that copy once the body has been read to its end (None before)."""
+
+    def __init__(
+        self,
+        blob: Blob,
+        start: int,
+        length: int,
+        buf: bytearray,
+        progress: Callable[[int], None] | None,
+        hasher: Any = None,
+    ) -> None:
+        self.blob = blob
+        self.start = start
+        self.length = length
+        self.buf = buf
+        self.progress = progress
+        self.hasher = hasher
+        self.hashed: Any = None
+
+    def __iter__(self) -> Iterator[memoryview]:
+        self.hashed = None
+        h = self.hasher.copy() if self.hasher is not None else None
+        for view in self.blob.views(self.buf, self.start, self.length):
+            if h is not None:
+                h.update(view)
+            if self.progress is not None:
+                self.progress(len(view))
+            yield view
+        self.hashed = h
