@@ -925,14 +925,12 @@ def _push_blobs(
     _run_parallel([lambda x=x: one(x) for x in order], concurrency)
 
 
-def _write_documents(built: Built, sink: Sink, progress: ProgressFn | None) -> Descriptor:
-    """The child manifests, then the root under the sink's tag."""
-    seen: set[Digest] = set()
+def _write_documents(built: Built, sink: Sink, progress: ProgressFn | None, concurrency: int) -> Descriptor:
+    """The child manifests (in parallel), then the root under the sink's tag."""
+    children: dict[Digest, tuple[bytes, str]] = {}
     for body, media_type in built.children:
-        d = digest_bytes(body)
-        if d not in seen:
-            seen.add(d)
-            sink.put_manifest(body, media_type)
+        children.setdefault(digest_bytes(body), (body, media_type))
+    _run_parallel([lambda c=c: sink.put_manifest(*c) for c in children.values()], concurrency)
     root = sink.put_root(built.body, built.media_type)
     _emit(progress, "done", digest=str(root.digest), size=root.size)
     return root
@@ -945,7 +943,7 @@ def write(
     blobs = list(built.blobs.values())
     _emit(progress, "resolved", digest=str(built.digest), size=sum(x.size for x in blobs))
     _push_blobs(blobs, sink, concurrency=concurrency, progress=progress)
-    return _write_documents(built, sink, progress)
+    return _write_documents(built, sink, progress, concurrency)
 
 
 def pack(
@@ -1022,7 +1020,7 @@ def pack(
         built = draft.complete()
         rest = [x for d, x in built.blobs.items() if d not in written]
         _push_blobs(rest, sink, concurrency=concurrency, progress=progress, written=written)
-        root = _write_documents(built, sink, progress)
+        root = _write_documents(built, sink, progress, concurrency)
         cache.save()
     finally:
         draft.cleanup()
