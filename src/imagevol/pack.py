@@ -885,9 +885,8 @@ def _push_blobs(
     mu = threading.Lock()
 
     def one(blob: Blob) -> None:
-        label = str(blob.digest) if blob.digest is not None else f"upload:{blob.what}"
-        _emit(progress, "blob-start", digest=label, size=blob.size)
         info = infos.get(id(blob))
+        read_here = blob.digest is None
         if blob.digest is None and cache is not None and info is not None:
             known = cache.get(info.key)
             if known is not None and sink.has_blob(known, blob.size):
@@ -895,12 +894,15 @@ def _push_blobs(
                 sink.stats.add(skipped=1)
                 with mu:
                     written.add(known)
-                _emit(progress, "blob-done", digest=label, size=blob.size, cached=True, message=f"skipped {known}")
+                _emit(progress, "blob-start", digest=str(known), size=blob.size)
+                _emit(progress, "blob-done", digest=str(known), size=blob.size, cached=True, message="skipped")
                 return
         started = time.time_ns()
-        read_here = blob.digest is None
         if blob.digest is None and sink.wants_digest_first(blob):
             hash_blob(blob)
+        # A blob hashed while it is written is named by its path until its digest is known.
+        label = str(blob.digest) if blob.digest is not None else f"upload:{blob.what}"
+        _emit(progress, "blob-start", digest=label, size=blob.size)
         if blob.digest is not None:
             with mu:
                 duplicate = blob.digest in written
