@@ -150,13 +150,16 @@ class _Feed:
     """The materializer's view of a pull in progress: blobs wait for their fetch; the tapped layer
     is read as it arrives."""
 
-    def __init__(self, plan: PullPlan, taps: dict[str, LayerStream]) -> None:
+    def __init__(self, plan: PullPlan, taps: dict[str, LayerStream], missing: set[str]) -> None:
         assert plan.fetcher is not None
         self.store = plan.store
         self.fetcher = plan.fetcher
-        self.taps = taps
+        self.taps = dict(taps)
+        self.fetched = missing
 
     def wait(self, digest: Digest) -> None:
+        if str(digest) not in self.fetched:
+            return  # in the store already, or not a blob the pull fetches (inline data)
         self.fetcher.done_event(digest).wait()
         if not self.store.has_blob(digest):
             err = self.fetcher.errors.get(str(digest))
@@ -165,7 +168,7 @@ class _Feed:
             raise StoreError(f"blob {digest} did not arrive in the store", hint="run the mount again")
 
     def open(self, layer: Descriptor) -> Any:
-        tap = self.taps.get(str(layer.digest))
+        tap = self.taps.pop(str(layer.digest), None)  # a layer listed twice streams once
         if tap is not None:
             return tap
         self.wait(layer.digest)
@@ -202,7 +205,7 @@ def _pull_and_materialize(
     thread = threading.Thread(target=run, name="imagevol-pull", daemon=True)
     thread.start()
     try:
-        snap = materialize(plan.store, plan.manifest, options=options, warn=warn, feed=_Feed(plan, taps))
+        snap = materialize(plan.store, plan.manifest, options=options, warn=warn, feed=_Feed(plan, taps, missing))
     except ContentRefusedError as e:
         if isinstance(e, (UnsafeContentError, LimitExceededError, DigestMismatchError)) or not tap.streamed:
             fetcher.cancel()  # refused by policy whatever the bytes: no use downloading the rest

@@ -4,7 +4,9 @@ the store, and a wrong, cut or refused stream leaves no snapshot and no volume b
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,13 @@ from tests.support.tars import E, gz, push_image, tar_layer
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
+
+
+def tar_member(layer: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tf:
+        f = tf.extractfile(name)
+        assert f is not None
+        return f.read()
 
 
 class Img:
@@ -98,6 +107,17 @@ def test_largest_layer_is_extracted_while_it_downloads(image: Img, px: Proxy, iv
     assert again["streamedLayers"] == [] and again["snapshotCreated"] is False
     assert len(px.requests) == before
     assert content_ok(tmp_path / "b", image.files)
+
+
+def test_a_streamed_layer_listed_twice(registry: Registry, px: Proxy, iv: Imagevol, tmp_path: Path) -> None:
+    """The largest layer appears twice in the manifest: streamed once, then read from the store."""
+    base = tar_layer([E("a.txt", b"a")])
+    top = tar_layer([E("w.bin", os.urandom(3 * MiB))])
+    img = Img(registry, "stream/twice", [base, top, top], {"a.txt": b"a", "w.bin": tar_member(top, "w.bin")})
+    doc = iv.mount_ok(img.ref(px.host), tmp_path / "a")
+    assert doc["streamedLayers"] == [img.blobs[1]]
+    assert content_ok(tmp_path / "a", img.files)
+    iv.fsck()
 
 
 def test_wrong_bytes_in_the_streamed_layer_leave_nothing(image: Img, px: Proxy, iv: Imagevol, tmp_path: Path) -> None:
