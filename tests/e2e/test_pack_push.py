@@ -302,13 +302,13 @@ def test_large_blobs_are_hashed_while_they_upload(
     ref = f"{registry.host}/{unique_repo}:s"
     cache = tmp_path / "digests.json"
 
-    def push(cache_file: Path | None) -> tuple:
-        sink = RegistrySink(parse_reference(ref), chunk_size=1 * MiB, stream_min_size=2 * MiB)
+    def push(cache_file: Path | None, to: str = ref) -> tuple:
+        sink = RegistrySink(parse_reference(to), chunk_size=1 * MiB, stream_min_size=2 * MiB)
         events: list = []
         before = registry.log_file.stat().st_size
         res = pack(
             d,
-            ref,
+            to,
             format="artifact",
             sink=sink,
             digest_cache=cache_file if cache_file is not None else tmp_path / "none" / "x.json",
@@ -334,11 +334,16 @@ def test_large_blobs_are_hashed_while_they_upload(
     second, _, log = push(cache)
     assert second.digest == first.digest
     assert second.blobs_pushed == 0 and second.bytes_pushed == 0 and second.blobs_skipped == 3
-    assert f"HEAD /v2/{unique_repo}/blobs/{weights}" in log and "PATCH" not in log
+    assert f"HEAD /v2/{unique_repo}/blobs/{weights}" in log and f"PATCH /v2/{unique_repo}/" not in log
 
     third, _, _ = push(None)  # no cache: the large blob goes again, the small ones are asked for first
     assert third.digest == first.digest
     assert third.blobs_pushed == 1 and third.blobs_skipped == 2 and third.bytes_pushed == len(big)
+
+    # a repository without the blob: the cached digest is asked for, then the blob is read and sent
+    fourth, _, log = push(cache, f"{registry.host}/{unique_repo}-other:s")
+    assert fourth.digest == first.digest and fourth.blobs_pushed == 3 and fourth.blobs_skipped == 0
+    assert f"HEAD /v2/{unique_repo}-other/blobs/{weights}" in log and f"PATCH /v2/{unique_repo}-other/" in log
 
 
 def test_image_layers_stream_from_the_files(registry, tmp_path: Path, unique_repo: str) -> None:
