@@ -291,11 +291,18 @@ def pull_options(fn: F) -> F:
             help="Blobs fetched at once.",
         ),
         click.option(
+            "--streams",
+            type=click.IntRange(min=1, max=16),
+            default=1,
+            show_default=True,
+            help="Ranged connections per blob over --part-size (for links where one connection is slow).",
+        ),
+        click.option(
             "--part-size",
             type=click.IntRange(min=1),
             default=64,
             show_default=True,
-            help="MiB per ranged part of a large blob.",
+            help="MiB: blobs larger than this are fetched over --streams connections.",
         ),
         click.option(
             "--progress",
@@ -326,6 +333,7 @@ def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
         options=options,
         concurrency=kw.pop("concurrency"),
         part_size=kw.pop("part_size") << 20,
+        parts_per_blob=kw.pop("streams"),
     )
     with progress_shown(prog):
         return pull(ref, progress=prog, **args)
@@ -545,6 +553,7 @@ def mount_cmd(
         pull_policy=kw.pop("pull_policy"),
         concurrency=kw.pop("concurrency"),
         part_size=kw.pop("part_size") << 20,
+        parts_per_blob=kw.pop("streams"),
         subpath=subpath,
         mode=mode,
         name_untitled=name_untitled,

@@ -25,6 +25,7 @@ import urllib3
 from .digest import Digest, Verifier
 from .errors import DigestMismatchError, ImagevolError, NotFoundError, TransportError, UsageError
 from .manifest import Descriptor, Index, Manifest
+from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored
 from .platform import Platform, host_platform
 from .reference import LayoutReference, Reference, parse_any
 from .select import Selection, select_manifest
@@ -38,7 +39,7 @@ PULL_POLICIES = ("always", "missing", "never")
 CHUNK = 1 << 20
 DEFAULT_PART_SIZE = 64 << 20
 DEFAULT_CONCURRENCY = 4
-DEFAULT_PARTS_PER_BLOB = 4
+DEFAULT_PARTS_PER_BLOB = 1
 # Progress is recorded in the ingest's part map at least this often, so a killed pull loses at most
 # this much per stream in flight (less than one part in all, with the default 4 streams per blob).
 MARK_EVERY = 8 << 20
@@ -256,93 +257,6 @@ class _Lane:
             self._thread.join()
 
 
-class _PrefixHasher:
-    """Hashes a blob being written in parallel parts, following the contiguous completed prefix in a
-    thread of its own, so verification overlaps the download instead of re-reading the file after it
-    (the bytes come back from the page cache)."""
-
-    def __init__(self, ing: Any, digest: Digest) -> None:
-        self.ing = ing
-        self.verifier = Verifier(digest)
-        self.pos = 0
-        self._cv = threading.Condition()
-        self._done = False
-        self._error: BaseException | None = None
-        self._fd = os.open(ing.data_path, os.O_RDONLY)
-        self._thread = threading.Thread(target=self._run, name="imagevol-hash", daemon=True)
-        self._thread.start()
-
-    def _prefix(self) -> int:
-        ranges = self.ing.completed_ranges()
-        return ranges[0][1] if ranges and ranges[0][0] == 0 else 0
-
-    def notify(self) -> None:
-        with self._cv:
-            self._cv.notify()
-
-    def _run(self) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        try:
-            while True:
-                with self._cv:
-                    while self._prefix() <= self.pos and not self._done:
-                        self._cv.wait(0.5)
-                    end = self._prefix()
-                    if end <= self.pos and self._done:
-                        return
-                while self.pos < end:
-                    n = os.preadv(self._fd, [view[: min(CHUNK, end - self.pos)]], self.pos)
-                    if n <= 0:
-                        return
-                    self.verifier.update(view[:n])
-                    self.pos += n
-        except BaseException as e:  # surfaced by finish()
-            self._error = e
-
-    def finish(self) -> Digest | None:
-        """The digest of the whole blob if every byte was hashed, else None (commit hashes it)."""
-        with self._cv:
-            self._done = True
-            self._cv.notify()
-        self._thread.join()
-        os.close(self._fd)
-        if self._error is not None or self.pos != self.ing.size:
-            return None
-        return self.verifier.digest()
-
-    def abandon(self) -> None:
-        with self._cv:
-            self._done = True
-            self._cv.notify()
-        self._thread.join()
-        os.close(self._fd)
-
-
-def _stripes(gaps: list[tuple[int, int]], n: int, min_part: int) -> list[tuple[int, int]]:
-    """Cut what is missing of a blob into at most `n` contiguous stripes of about equal size (none
-    under `min_part` bytes), one per stream. Streams writing far apart in the file are cheaper
-    for the kernel than streams writing side by side (bench: sys time 1.1-1.3 s against 1.4-3.0 s
-    for 2 GiB in four streams, docs/performance.md). A stripe that crosses a gap of completed
-    bytes (a resumed ingest) becomes one range per side."""
-    total = sum(e - s for s, e in gaps)
-    if total <= 0:
-        return []
-    k = max(1, min(n, total // max(1, min_part)))
-    step = -(-total // k)
-    out: list[tuple[int, int]] = []
-    budget = step
-    for s, e in gaps:
-        while s < e:
-            take = min(e - s, budget)
-            out.append((s, s + take))
-            s += take
-            budget -= take
-            if budget == 0:
-                budget = step
-    return out
-
-
 class _Fetcher:
     """Downloads blobs into the store: concurrent, ranged, resumable, verified."""
 
@@ -375,6 +289,7 @@ class _Fetcher:
         self._done: dict[str, threading.Event] = {}
         #: Why a blob's fetch failed (or never started), by digest.
         self.errors: dict[str, BaseException] = {}
+        self._buffers = Buffers()
 
     def cancel(self) -> None:
         """Stop the pull: streams in flight stop at their next piece; what was received is kept."""
@@ -422,6 +337,8 @@ class _Fetcher:
             for d in descs:  # whoever waits for a blob that will not come hears why
                 self._ended(d, e)
             raise
+        finally:
+            self._buffers.clear()
 
     def _ended(self, desc: Descriptor, error: BaseException | None) -> None:
         if error is not None:
@@ -473,7 +390,7 @@ class _Fetcher:
             try:
                 if tap is not None:
                     verified = self._stream(desc, ing, tap)  # in order, for the consumer
-                elif desc.size > self.part_size and isinstance(self.source, RegistrySource):
+                elif desc.size >= PIECE and isinstance(self.source, RegistrySource):
                     verified = self._ranged(desc, ing)
                 else:
                     verified = self._stream(desc, ing)
@@ -571,75 +488,26 @@ class _Fetcher:
         return verifier.digest()
 
     def _ranged(self, desc: Descriptor, ing: Any) -> Digest | None:
-        """Parallel ranged parts; a 200 to a Range request falls back to one stream. A cut part
-        resumes from its last byte received."""
+        """Fetch a large blob in pieces (:class:`PieceFetch`): parallel ranged streams for a blob over
+        the part size, hashed in order from the receive buffers and written around the page cache.
+        A source that ignores Range gets one plain stream."""
         assert isinstance(self.source, RegistrySource)
-        parts = _stripes(ing.missing_ranges(max(1, desc.size)), self.parts_per_blob, self.part_size)
-        if not parts:
-            return None
         source = self.source
-        fallback = threading.Event()
-
-        def part(rng: tuple[int, int]) -> None:
-            pos, end = rng
-            attempts = 0
-            while pos < end:
-                if fallback.is_set() or self._cancel.is_set():
-                    return
-                resp = source.open_range(desc, pos, end)
-                marked = pos
-                err: BaseException | None = None
-                try:
-                    if resp.status == 200:
-                        fallback.set()
-                        return
-                    while pos < end and not self._cancel.is_set():
-                        try:
-                            chunk = resp.read(min(CHUNK, end - pos))
-                        except _CUT as e:
-                            err = e
-                            break
-                        if not chunk:
-                            break
-                        ing.write_at(pos, chunk)
-                        pos += len(chunk)
-                        self._count(desc.digest, len(chunk))
-                        if pos - marked >= MARK_EVERY and pos < end:
-                            ing.mark_complete(marked, pos, sync=False)
-                            marked = pos
-                            hasher.notify()
-                    extra = b""
-                    if pos == end and err is None:
-                        with contextlib.suppress(*_CUT):
-                            extra = resp.read(1)
-                finally:
-                    with contextlib.suppress(Exception):
-                        resp.release_conn()
-                if extra:
-                    raise DigestMismatchError(
-                        f"blob {desc.digest}: range ending at {end - 1} from {source.describe()} returned extra bytes",
-                        hint="the registry served a wrong range; nothing was stored",
-                    )
-                ing.mark_complete(marked, pos, sync=False)
-                hasher.notify()
-                if pos < end:
-                    attempts += 1
-                    self._retry_or_raise(desc, attempts, pos, err)
-
-        hasher = _PrefixHasher(ing, desc.digest)
+        job = PieceFetch(
+            desc,
+            ing,
+            open_range=lambda start, end: source.open_range(desc, start, end),
+            describe=source.describe,
+            buffers=self._buffers,
+            streams=self.parts_per_blob if desc.size > self.part_size else 1,
+            cancel=self._cancel,
+            count=lambda n: self._count(desc.digest, n),
+            retry_or_raise=lambda attempts, pos, err: self._retry_or_raise(desc, attempts, pos, err),
+        )
         try:
-            with ThreadPoolExecutor(max_workers=self.parts_per_blob, thread_name_prefix="imagevol-part") as pool:
-                futures = [pool.submit(part, p) for p in parts]
-                for f in futures:
-                    f.result()
-        except BaseException:
-            hasher.abandon()
-            raise
-        if fallback.is_set():
-            hasher.abandon()
+            return job.run()
+        except RangeIgnored:
             return self._stream(desc, ing)
-        # A wrong digest here makes commit discard the ingest and raise DigestMismatchError.
-        return hasher.finish()  # None: commit hashes the file once
 
 
 def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Manifest | Index) -> None:

@@ -538,7 +538,7 @@ def test_eight_concurrent_pulls_download_once(medium: Artifact, px: Proxy, cli: 
 def test_wrong_bytes_refused(small: Artifact, px: Proxy, cli: Cli, part_mib: str) -> None:
     digest, _ = _blob_of(small, 6 * MiB)
     px.fault = Fault(match=digest, wrong_bytes=True, flip_offset=12345)
-    r = cli.pull(small.ref(px.host), "--part-size", part_mib)
+    r = cli.pull(small.ref(px.host), "--part-size", part_mib, "--streams", "4")
     _clear_error(r, 4)
     assert px.fault_hits >= 1
     assert not cli.blob(digest).exists()
@@ -557,7 +557,7 @@ def test_cut_body_is_an_error_or_a_verified_retry(
     cut = 300_000 if times == 1 else 0
     kw = {"truncate_after": cut} if mode == "truncate" else {"reset_after": cut}
     px.fault = Fault(match=digest, times=times, **kw)
-    r = cli.pull(small.ref(px.host), "--part-size", part_mib, "--retries", "2")
+    r = cli.pull(small.ref(px.host), "--part-size", part_mib, "--streams", "4", "--retries", "2")
     assert px.fault_hits >= 1
     if r.returncode == 0:
         cli.assert_blob(digest, size)
@@ -570,7 +570,7 @@ def test_cut_body_is_an_error_or_a_verified_retry(
     cli.fsck_ok()
     # Whatever happened, a clean run completes (resuming what was kept) and verifies.
     px.fault = None
-    _ok(cli.pull(small.ref(px.host), "--part-size", part_mib))
+    _ok(cli.pull(small.ref(px.host), "--part-size", part_mib, "--streams", "4"))
     for d, n in small.blobs.items():
         cli.assert_blob(d, n)
     cli.fsck_ok()
@@ -579,7 +579,7 @@ def test_cut_body_is_an_error_or_a_verified_retry(
 def test_ignore_range_still_verified(small: Artifact, px: Proxy, cli: Cli) -> None:
     digest, size = _blob_of(small, 6 * MiB)
     px.fault = Fault(match=digest, ignore_range=True)
-    _ok(cli.pull(small.ref(px.host), "--part-size", "1"))
+    _ok(cli.pull(small.ref(px.host), "--part-size", "1", "--streams", "4"))
     ranged = [q for q in px.requests_for(digest) if q.range]
     assert ranged and all(q.status == 200 for q in ranged), px.requests_for(digest)
     cli.assert_blob(digest, size)
@@ -645,7 +645,7 @@ def test_cross_host_redirect_never_carries_authorization(
     with Proxy(reg.url) as p:
         auth = _authfile(tmp_path / "auth.json", p.host, user, password)
         p.fault = Fault(redirect_to_other_host=True)
-        r = cli.pull(art.ref(p.host), "--authfile", str(auth), "--part-size", "1")
+        r = cli.pull(art.ref(p.host), "--authfile", str(auth), "--part-size", "1", "--streams", "4")
         _ok(r)
         redirected = [q for q in p.requests if q.status == 302]
         assert redirected, p.requests

@@ -8,15 +8,17 @@ On disk (``R/ingest/<sha256 of the digest string>/``)::
 
 Ranges are half-open ``[start, end)`` byte ranges that were written before ``meta.json`` recorded
 them. ``meta.json`` is replaced atomically (tmp + fsync + rename) and only ever grows. A killed
-process loses nothing it wrote (the page cache survives it), so a resumed ingest starts where the
-kill hit. With ``mark_complete(sync=True)`` the data is also fdatasync'ed first, which survives a
-power loss; pulls skip that per-part flush (it halves throughput on a 290 MB/s disk) and rely on
-verification instead: every blob is hashed before commit, and a resumed blob that fails is refetched.
+process loses nothing it wrote (direct writes are on the disk, buffered ones in the page cache,
+which survives it), so a resumed ingest starts where the kill hit. With
+``mark_complete(sync=True)`` the data is also fdatasync'ed first, which survives a power loss;
+pulls skip that per-part flush (it halves throughput on a 290 MB/s disk) and rely on verification
+instead: every blob is hashed before commit, and a resumed blob that fails is refetched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import threading
@@ -36,6 +38,15 @@ if TYPE_CHECKING:
 
 READ_CHUNK = 1 << 20
 META_VERSION = 1
+#: Offsets, lengths and buffer addresses of direct (O_DIRECT) writes are multiples of this: it covers
+#: 512-byte and 4 KiB logical blocks, and the DMA alignment block devices ask for.
+DIRECT_ALIGN = 4096
+
+
+def direct_io_enabled() -> bool:
+    """Whether large blobs may be written around the page cache (``IMAGEVOL_DIRECT_IO=0`` says no)."""
+    return os.environ.get("IMAGEVOL_DIRECT_IO", "1").strip().lower() not in ("0", "off", "no", "false")
+
 
 Range = tuple[int, int]
 
@@ -87,6 +98,10 @@ class Ingest:
         self.dir = directory
         self._lock = lock
         self._fd: int | None = None
+        #: The O_DIRECT descriptor of the data file, opened by the first direct write.
+        self._dfd: int | None = None
+        #: False once direct I/O was found unavailable (switched off, or refused by the file system).
+        self._direct = direct_io_enabled()
         self._mu = threading.Lock()
         self._ranges: list[Range] = []
         self._started_at = time.time()
@@ -248,6 +263,60 @@ class Ingest:
             view = view[n:]
             offset += n
 
+    def _direct_fd(self) -> int | None:
+        with self._mu:
+            if self._dfd is None and self._direct:
+                try:
+                    self._dfd = os.open(self.data_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+                except (OSError, AttributeError):  # EINVAL: no direct I/O on this file system
+                    self._direct = False
+            return self._dfd if self._direct else None
+
+    def _no_direct(self) -> None:
+        with self._mu:
+            self._direct = False
+
+    def write_aligned(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset``, its whole blocks around the page cache (O_DIRECT).
+
+        For a download that is hashed from its receive buffers, the page cache only costs: fresh
+        page-cache memory is the dearest part of a write on a VM that hands freed memory back to
+        its host, and a multi-gigabyte pull would evict the node's working set. ``data`` must sit in
+        memory at the same offset modulo :data:`DIRECT_ALIGN` as ``offset`` in the file (a page-aligned
+        buffer filled from ``offset % DIRECT_ALIGN``). The unaligned head and tail, and everything on
+        file systems without direct I/O (or with ``IMAGEVOL_DIRECT_IO=0``), are written as
+        :meth:`write_at` does."""
+        self._require_open()
+        view = data.cast("B") if data.format != "B" else data
+        if offset < 0 or offset + len(view) > self.size:
+            raise ValueError(
+                f"write of {len(view)} bytes at {offset} is outside blob {self.digest.short} of {self.size} bytes"
+            )
+        head = min(len(view), -offset % DIRECT_ALIGN)
+        body = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
+        dfd = self._direct_fd() if body else None
+        if dfd is None:
+            self.write_at(offset, view)
+            return
+        if head:
+            self.write_at(offset, view[:head])
+        pos, mid = offset + head, view[head : head + body]
+        try:
+            while len(mid):
+                n = os.pwrite(dfd, mid, pos)
+                if n % DIRECT_ALIGN:  # a short direct write: finish the rest through the page cache
+                    self.write_at(pos + n, mid[n:])
+                    break
+                mid = mid[n:]
+                pos += n
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._no_direct()  # misaligned memory, or a file system that takes O_DIRECT but not these
+            self.write_at(pos, mid)
+        if head + body < len(view):
+            self.write_at(offset + head + body, view[head + body :])
+
     def mark_complete(self, start: int, end: int, *, sync: bool = True) -> None:
         """Record ``[start, end)`` as written: fdatasync the data, then persist the part map atomically.
 
@@ -329,11 +398,15 @@ class Ingest:
             return
         self._finish()
 
+    def _close_fds(self) -> None:
+        for fd in (self._dfd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._dfd = self._fd = None
+
     def _finish(self) -> None:
         """Remove the ingest directory (we hold its lock) and release everything."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_fds()
         remove_ingest_dir(self.dir)
         self._closed = True
         if self._lock is not None:
@@ -346,9 +419,7 @@ class Ingest:
         if self.already_present:
             self._finish()
             return
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_fds()
         self._closed = True
         if self._lock is not None:
             self._lock.release()
