@@ -13,9 +13,11 @@ Why this shape (numbers in docs/performance.md):
 - Receiving, hashing and writing each wait on something different (the network, the CPU, the
   disk), so each has a thread of its own.
 
-With one stream a single request covers each missing range of the blob. With more, each stream
-asks for one piece at a time and no stream runs more than a window of pieces ahead of the hashing,
-so a blob holds a bounded number of buffers and the process a bounded number in all.
+With one stream a single request covers each missing range of the blob. With more (for links
+where one connection is slow), the blob is cut into runs of the part size, each fetched by one
+request; a stream keeps a piece for the hashing only when the hashing is a few pieces behind it,
+and otherwise writes it at once and lets the hashing read it back from the file (at disk speed,
+while the next runs download), so memory stays bounded whatever the number of streams.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import mmap
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -56,21 +57,27 @@ class Buffers:
         self._out = 0
         self._cv = threading.Condition()
 
-    def take(self, stop: Callable[[], bool]) -> mmap.mmap | None:
-        """A buffer, or None once `stop()` says to give up waiting."""
+    def take_many(self, n: int, stop: Callable[[], bool]) -> list[mmap.mmap] | None:
+        """`n` buffers at once (a stream's ring: holding some while waiting for more could
+        deadlock two streams), or None once `stop()` says to give up waiting."""
+        n = min(n, self.limit)
         with self._cv:
-            while self._out >= self.limit:
+            while self._out + n > self.limit:
                 if stop():
                     return None
                 self._cv.wait(0.2)
-            self._out += 1
-            if self._free:
-                return self._free.pop()
+            self._out += n
+            got = [self._free.pop() for _ in range(min(n, len(self._free)))]
         try:
-            return mmap.mmap(-1, self.size)
+            while len(got) < n:
+                got.append(mmap.mmap(-1, self.size))
         except BaseException:
-            self.give(None)
+            for b in got:
+                self.give(b)
+            for _ in range(n - len(got)):
+                self.give(None)
             raise
+        return got
 
     def give(self, buf: mmap.mmap | None) -> None:
         with self._cv:
@@ -110,14 +117,14 @@ def range_start(resp: Any) -> int | None:
         return None
 
 
-def cut_pieces(gaps: list[tuple[int, int]], piece: int) -> list[tuple[int, int, int]]:
-    """Cut the missing ranges of a blob at multiples of `piece` (pieces start block-aligned unless
-    their gap does not): ``(start, end, end of the gap)`` each."""
+def cut_at(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Cut ranges at the multiples of `size` (so that the pieces after the first of a range start
+    block-aligned)."""
     out = []
-    for s, e in gaps:
+    for s, e in ranges:
         while s < e:
-            cut = min(e, (s // piece + 1) * piece)
-            out.append((s, cut, e))
+            cut = min(e, (s // size + 1) * size)
+            out.append((s, cut))
             s = cut
     return out
 
@@ -142,13 +149,29 @@ class _Conn:
                 resp.close()  # unread body: the connection is not reused
 
 
-class _Piece:
-    __slots__ = ("buf", "end", "gap_end", "pending", "start")
+_WAITING, _IN_MEMORY, _ON_DISK = 0, 1, 2
 
-    def __init__(self, start: int, end: int, gap_end: int) -> None:
-        self.start, self.end, self.gap_end = start, end, gap_end
+
+class _Ring:
+    """A stream's own buffers: a piece is received into a free one, which comes back when the
+    hashing and the writing are done with it (or, once the stream has ended, goes to the pool)."""
+
+    __slots__ = ("closed", "free")
+
+    def __init__(self, bufs: list[mmap.mmap]) -> None:
+        self.free = bufs
+        self.closed = False
+
+
+class _Piece:
+    __slots__ = ("buf", "end", "pending", "ring", "start", "state")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
         self.buf: mmap.mmap | None = None
+        self.ring: _Ring | None = None
         self.pending = 0  # stages (hash, write) still to use the buffer
+        self.state = _WAITING
 
     def view(self) -> memoryview:
         assert self.buf is not None
@@ -168,6 +191,7 @@ class PieceFetch:
         describe: Callable[[], str],
         buffers: Buffers,
         streams: int,
+        run_size: int,
         cancel: threading.Event,
         count: Callable[[int], None],
         retry_or_raise: Callable[[int, int, BaseException | None], None],
@@ -181,17 +205,27 @@ class PieceFetch:
         self.count = count
         self.retry_or_raise = retry_or_raise
         self.done_before = ing.completed_ranges()
-        self.pieces = [_Piece(*p) for p in cut_pieces(ing.missing_ranges(max(1, desc.size)), PIECE)]
-        self.streams = max(1, min(len(self.pieces), streams))
-        self.window = self.streams + 3  # pieces past the hashing: in flight, waiting to hash or write
+        gaps = ing.missing_ranges(max(1, desc.size))
+        # One request per missing range with one stream; runs of `run_size` with more.
+        runs = gaps if streams <= 1 else cut_at(gaps, max(PIECE, run_size))
+        self.streams = max(1, min(len(runs), streams))
+        self.pieces: list[_Piece] = []
+        self.runs: list[tuple[int, int]] = []  # (first piece, end piece) of each request
+        for s, e in runs:
+            first = len(self.pieces)
+            self.pieces += [_Piece(a, b) for a, b in cut_at([(s, e)], PIECE)]
+            self.runs.append((first, len(self.pieces)))
+        # A stream's ring: one buffer receiving, one being hashed, one being written.
+        self.ring_size = 3 if self.streams == 1 else 2
+        # Pieces further than this past the hashing are written at once and read back when their turn comes.
+        self.window = 2 * self.streams + 1
         self._cv = threading.Condition()
-        self._next = 0  # the next piece a stream takes
+        self._next_run = 0
         self._hashed = 0  # pieces hashed (in order)
-        self._held = 0  # buffers this blob holds
         self._failed: list[BaseException] = []
         self._writes: queue.SimpleQueue[_Piece | None] = queue.SimpleQueue()
 
-    # -- stages ------------------------------------------------------------------------------------
+    # -- coordination ------------------------------------------------------------------------------
     def _stop(self) -> bool:
         return bool(self._failed) or self.cancel.is_set()
 
@@ -201,58 +235,79 @@ class PieceFetch:
             self._cv.notify_all()
 
     def _release(self, p: _Piece) -> None:
-        """One stage is done with the piece's buffer; the last one hands it back."""
+        """One stage is done with the piece's buffer; the last one hands it back to its ring."""
         with self._cv:
             p.pending -= 1
             if p.pending > 0:
                 return
-            buf, p.buf = p.buf, None
-            self._held -= 1
-            self._cv.notify_all()
+            buf, ring, p.buf, p.ring = p.buf, p.ring, None, None
+            if ring is not None and not ring.closed and buf is not None:
+                ring.free.append(buf)
+                self._cv.notify_all()
+                return
         self.buffers.give(buf)
 
-    def _take(self) -> _Piece | None:
+    def _free_buffer(self, ring: _Ring) -> mmap.mmap | None:
         with self._cv:
-            while not self._stop() and self._next < len(self.pieces):
-                if self._next < self._hashed + self.window and self._held < self.window:
-                    p = self.pieces[self._next]
-                    self._next += 1
-                    self._held += 1
-                    break
+            while not ring.free and not self._stop():
                 self._cv.wait(0.5)
-            else:
-                return None
-        buf = self.buffers.take(self._stop)
-        if buf is None:
-            with self._cv:
-                self._held -= 1
-            return None
-        p.buf = buf
-        return p
+            return ring.free.pop() if ring.free and not self._stop() else None
 
+    # -- stages ------------------------------------------------------------------------------------
     def _receive(self) -> None:
+        bufs = self.buffers.take_many(self.ring_size, self._stop)
+        if bufs is None:
+            return
+        ring = _Ring(bufs)
         conn = _Conn()
         try:
-            while (p := self._take()) is not None:
-                try:
-                    self._fill(p, conn)
-                except BaseException:
-                    p.pending = 1
-                    self._release(p)
-                    raise
+            while True:
                 with self._cv:
-                    p.pending = 2
-                    self._cv.notify_all()
-                self._writes.put(p)
+                    if self._stop() or self._next_run >= len(self.runs):
+                        return
+                    first, end = self.runs[self._next_run]
+                    self._next_run += 1
+                for i in range(first, end):
+                    self._piece(self.pieces[i], i, ring, conn, self.pieces[end - 1].end)
         except BaseException as e:
             self._fail(e)
         finally:
             conn.close()
+            with self._cv:
+                ring.closed = True
+                free, ring.free = ring.free, []
+            for buf in free:
+                self.buffers.give(buf)
 
-    def _fill(self, p: _Piece, conn: _Conn) -> None:
+    def _piece(self, p: _Piece, i: int, ring: _Ring, conn: _Conn, run_end: int) -> None:
+        buf = self._free_buffer(ring)
+        if buf is None:
+            raise ImagevolError("pull cancelled")
+        p.buf, p.ring, p.pending = buf, ring, 1
+        try:
+            self._fill(p, conn, run_end)
+            with self._cv:
+                keep = i < self._hashed + self.window
+                if keep:
+                    p.pending, p.state = 2, _IN_MEMORY
+                    self._cv.notify_all()
+            if keep:
+                self._writes.put(p)
+                return
+            # Far ahead of the hashing: write it now, so the buffer serves the next piece.
+            with p.view() as view:
+                self.ing.write_aligned(p.start, view)
+            self.ing.mark_complete(p.start, p.end, sync=False)
+            with self._cv:
+                p.state = _ON_DISK
+                self._cv.notify_all()
+        finally:
+            if p.state != _IN_MEMORY:
+                self._release(p)
+
+    def _fill(self, p: _Piece, conn: _Conn, run_end: int) -> None:
         """Receive piece `p` into its buffer, over `conn` if it is positioned at the piece."""
         desc = self.desc
-        run_end = p.gap_end if self.streams == 1 else p.end
         got, attempts = 0, 0
         with p.view() as view:
             while got < len(view):
@@ -298,7 +353,7 @@ class PieceFetch:
             conn.resp = None
 
     def _write(self) -> None:
-        """Write received pieces (in the order they arrived) and record them in the part map."""
+        """Write the pieces kept for the hashing, in the order they arrived, and record them."""
         while (p := self._writes.get()) is not None:
             try:
                 if not self._failed:
@@ -310,20 +365,17 @@ class PieceFetch:
             finally:
                 self._release(p)
 
-    def _hash_done_before(self, v: Verifier, start: int, end: int) -> None:
-        """Bytes an earlier (killed) pull left behind are hashed from the file."""
-        buf = bytearray(1 << 20)
-        fd = os.open(self.ing.data_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            with memoryview(buf) as view:
-                while start < end:
-                    n = os.preadv(fd, [view[: min(len(view), end - start)]], start)
-                    if n <= 0:
-                        raise StoreError(f"ingest data of {self.desc.digest} is shorter than its part map")
-                    v.update(view[:n])
-                    start += n
-        finally:
-            os.close(fd)
+    def _hash_from_file(self, v: Verifier, start: int, end: int, buf: mmap.mmap) -> None:
+        """Bytes already in the file (written ahead, or left by a killed pull) are read back."""
+        with memoryview(buf) as view:
+            while start < end:
+                off = start % DIRECT_ALIGN  # placed as the file is, so the read can be direct
+                want = view[off : off + min(PIECE, end - start)]
+                n = self.ing.read_aligned(start, want)
+                if n <= 0:
+                    raise StoreError(f"ingest data of {self.desc.digest} is shorter than its part map")
+                v.update(want[:n])
+                start += n
 
     # -- the whole ---------------------------------------------------------------------------------
     def run(self) -> Digest:
@@ -334,6 +386,7 @@ class PieceFetch:
         order = sorted(
             [(s, e, -1) for s, e in self.done_before] + [(p.start, p.end, i) for i, p in enumerate(self.pieces)]
         )
+        readback: Any = None  # an aligned buffer for reading back, made when first needed
         writer = threading.Thread(target=self._write, name="imagevol-write", daemon=True)
         receivers = [
             threading.Thread(target=self._receive, name="imagevol-part", daemon=True) for _ in range(self.streams)
@@ -343,21 +396,25 @@ class PieceFetch:
             t.start()
         try:
             for s, e, i in order:
-                if i < 0:
-                    self._hash_done_before(v, s, e)
-                    continue
-                p = self.pieces[i]
-                with self._cv:
-                    while p.pending == 0 and not self._stop():
-                        self._cv.wait(0.5)
-                    if p.pending == 0:
+                if i >= 0:
+                    p = self.pieces[i]
+                    with self._cv:
+                        while p.state == _WAITING and not self._stop():
+                            self._cv.wait(0.5)
+                    if p.state == _WAITING:
                         break
-                with p.view() as view:
-                    v.update(view)
-                self._release(p)
-                with self._cv:
-                    self._hashed += 1
-                    self._cv.notify_all()
+                    if p.state == _IN_MEMORY:
+                        with p.view() as view:
+                            v.update(view)
+                        self._release(p)
+                if i < 0 or p.state == _ON_DISK:
+                    if readback is None:
+                        readback = mmap.mmap(-1, PIECE + DIRECT_ALIGN)
+                    self._hash_from_file(v, s, e, readback)
+                if i >= 0:
+                    with self._cv:
+                        self._hashed += 1
+                        self._cv.notify_all()
         except BaseException as e:
             self._fail(e)
         finally:
@@ -367,10 +424,12 @@ class PieceFetch:
                 t.join()
             self._writes.put(None)
             writer.join()
-            for p in self.pieces:  # pieces received but never hashed (a failure cut the run short)
+            for p in self.pieces:  # received, never hashed: a failure cut the run short
                 if p.buf is not None:
                     p.pending = 1
                     self._release(p)
+            if readback is not None:
+                readback.close()
         if self._failed:
             cancelled = [e for e in self._failed if type(e) is ImagevolError and str(e) == "pull cancelled"]
             ignored = [e for e in self._failed if isinstance(e, RangeIgnored)]

@@ -488,9 +488,10 @@ class _Fetcher:
         return verifier.digest()
 
     def _ranged(self, desc: Descriptor, ing: Any) -> Digest | None:
-        """Fetch a large blob in pieces (:class:`PieceFetch`): parallel ranged streams for a blob over
-        the part size, hashed in order from the receive buffers and written around the page cache.
-        A source that ignores Range gets one plain stream."""
+        """Fetch a large blob in pieces (:class:`PieceFetch`), hashed in order from the receive
+        buffers and written around the page cache; a blob over the part size is fetched over
+        `parts_per_blob` streams, in runs of the part size. A source that ignores Range gets one
+        plain stream."""
         assert isinstance(self.source, RegistrySource)
         source = self.source
         job = PieceFetch(
@@ -500,6 +501,7 @@ class _Fetcher:
             describe=source.describe,
             buffers=self._buffers,
             streams=self.parts_per_blob if desc.size > self.part_size else 1,
+            run_size=self.part_size,
             cancel=self._cancel,
             count=lambda n: self._count(desc.digest, n),
             retry_or_raise=lambda attempts, pos, err: self._retry_or_raise(desc, attempts, pos, err),

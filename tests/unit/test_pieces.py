@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 
 from imagevol.digest import Digest
-from imagevol.pieces import PIECE, Buffers, cut_pieces, range_start
+from imagevol.pieces import PIECE, Buffers, cut_at, range_start
 from imagevol.store import Store
 from imagevol.store.ingest import DIRECT_ALIGN
 
 
-def test_pieces_are_cut_at_multiples_of_the_piece_size():
-    assert cut_pieces([(0, 10)], 4) == [(0, 4, 10), (4, 8, 10), (8, 10, 10)]
-    # A gap that starts mid-piece gets a short first piece, then aligned ones.
-    assert cut_pieces([(3, 9), (12, 13)], 4) == [(3, 4, 9), (4, 8, 9), (8, 9, 9), (12, 13, 13)]
-    assert cut_pieces([], 4) == []
-    got = cut_pieces([(5, 3 * PIECE + 7)], PIECE)
-    assert [s for s, _, _ in got[1:]] == [PIECE, 2 * PIECE, 3 * PIECE]
+def test_ranges_are_cut_at_multiples_of_the_size():
+    assert cut_at([(0, 10)], 4) == [(0, 4), (4, 8), (8, 10)]
+    # A range that starts mid-piece gets a short first piece, then aligned ones.
+    assert cut_at([(3, 9), (12, 13)], 4) == [(3, 4), (4, 8), (8, 9), (12, 13)]
+    assert cut_at([], 4) == []
+    got = cut_at([(5, 3 * PIECE + 7)], PIECE)
+    assert [s for s, _ in got[1:]] == [PIECE, 2 * PIECE, 3 * PIECE]
     assert got[0][0] == 5 and got[-1][1] == 3 * PIECE + 7
 
 
@@ -41,22 +41,27 @@ def test_range_start(header, start):
 
 
 def test_buffers_are_reused_and_bounded():
-    bufs = Buffers(size=8192, limit=2)
-    a = bufs.take(lambda: False)
-    b = bufs.take(lambda: False)
-    assert a is not None and b is not None and len(a) == 8192
-    # A third waits until one comes back, or gives up when told to.
-    assert bufs.take(lambda: True) is None
-    got: list[mmap.mmap | None] = []
-    t = threading.Thread(target=lambda: got.append(bufs.take(lambda: False)))
+    bufs = Buffers(size=8192, limit=3)
+    ring = bufs.take_many(2, lambda: False)
+    assert ring is not None and [len(b) for b in ring] == [8192, 8192]
+    # A second ring of two waits until both fit (never holding one while waiting for the other),
+    # or gives up when told to.
+    assert bufs.take_many(2, lambda: True) is None
+    got: list[list[mmap.mmap] | None] = []
+    t = threading.Thread(target=lambda: got.append(bufs.take_many(2, lambda: False)))
     t.start()
     t.join(0.3)
     assert t.is_alive()
-    bufs.give(a)
+    bufs.give(ring[0])
     t.join(5)
-    assert got == [a]  # the same memory, not a new mapping
-    bufs.give(b)
-    bufs.give(got[0])
+    assert got and got[0] is not None and ring[0] in got[0]  # the same memory, not a new mapping
+    # A ring larger than the limit is cut to the limit.
+    for b in [ring[1], *got[0]]:
+        bufs.give(b)
+    big = bufs.take_many(10, lambda: False)
+    assert big is not None and len(big) == 3
+    for b in big:
+        bufs.give(b)
     bufs.clear()
 
 

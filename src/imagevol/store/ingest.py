@@ -267,7 +267,7 @@ class Ingest:
         with self._mu:
             if self._dfd is None and self._direct:
                 try:
-                    self._dfd = os.open(self.data_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    self._dfd = os.open(self.data_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW)
                 except (OSError, AttributeError):  # EINVAL: no direct I/O on this file system
                     self._direct = False
             return self._dfd if self._direct else None
@@ -316,6 +316,30 @@ class Ingest:
             self.write_at(pos, mid)
         if head + body < len(view):
             self.write_at(offset + head + body, view[head + body :])
+
+    def read_aligned(self, offset: int, view: memoryview) -> int:
+        """Read up to ``len(view)`` bytes at ``offset`` into ``view`` (placed in memory as for
+        :meth:`write_aligned`); returns the bytes read, fewer only at the end of the file. Whole
+        blocks are read around the page cache where direct writes are in use (what they wrote is
+        on the disk, not in memory); anything else through it."""
+        fd = self._require_open()
+        head = min(len(view), -offset % DIRECT_ALIGN)
+        body = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
+        dfd = self._direct_fd() if body and self._dfd is not None else None
+        if dfd is None:
+            return _pread_full(fd, view, offset)
+        n = _pread_full(fd, view[:head], offset) if head else 0
+        if n < head:
+            return n
+        try:
+            k = _pread_full(dfd, view[head : head + body], offset + head)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            k = _pread_full(fd, view[head : head + body], offset + head)
+        if k < body or head + body == len(view):
+            return head + k
+        return head + body + _pread_full(fd, view[head + body :], offset + head + body)
 
     def mark_complete(self, start: int, end: int, *, sync: bool = True) -> None:
         """Record ``[start, end)`` as written: fdatasync the data, then persist the part map atomically.
@@ -437,6 +461,17 @@ class Ingest:
 
     def __repr__(self) -> str:
         return f"Ingest({self.digest!s}, size={self.size}, done={sum(e - s for s, e in self._ranges)})"
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """pread until ``view`` is full or the file ends; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def remove_ingest_dir(directory: Path) -> None:
