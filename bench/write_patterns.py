@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""How four parallel ranged streams should lay out their writes into one file.
+"""How a pull should receive, write and hash a large blob.
 
 Starts a loopback docker-registry, pushes two random blobs of --size-mib each, then per round
-downloads both blobs at once (one thread per blob), each with 4 ranged GET streams (urllib3,
-``read(1 MiB)``, ``os.pwrite``), and hashes each file back from the page cache. Four patterns:
+downloads both blobs at once (one thread per blob). Four patterns with 4 ranged GET streams per
+blob (urllib3, ``read(1 MiB)``, ``os.pwrite``), each file hashed back from the page cache after:
 
 - layout ``stripes``: the blob in 4 contiguous stripes, one per stream;
   layout ``parts``: 64 MiB parts dealt round-robin to the 4 streams (they write side by side);
 - ``truncate``: the file is ftruncated to its full size first; ``grow``: it grows as written.
+
+Two with one plain GET per blob, received into a reused page-aligned 4 MiB buffer
+(``readinto``), hashed from it, and written from it:
+
+- ``single+buffered``: ``os.pwrite`` through the page cache;
+- ``single+direct``: ``os.pwrite`` on an ``O_DIRECT`` descriptor (around the page cache).
 
 Every run starts from the same memory: sync, drop the page cache, read the registry's storage
 back in (bench/lib/scenarios.py ``settle``, needs root). Patterns alternate within a round (the
@@ -22,6 +28,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import mmap
 import os
 import platform
 import signal
@@ -52,7 +59,8 @@ STREAMS = 4
 PART = 64 * MIB
 READ = 1 * MIB
 HASH_BUF = 8 * MIB
-PATTERNS = ("stripes+truncate", "stripes+grow", "parts+truncate", "parts+grow")
+PATTERNS = ("stripes+truncate", "stripes+grow", "parts+truncate", "parts+grow", "single+buffered", "single+direct")
+SINGLE_BUF = 4 * MIB
 TIMEOUT = urllib3.Timeout(connect=10.0, read=120.0)
 
 
@@ -200,9 +208,49 @@ def hash_file(fd: int, size: int, buf: bytearray) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def fetch_single(url: str, path: Path, size: int, how: str, out: dict[str, Any]) -> None:
+    """One GET; each 4 MiB is received into the same aligned buffer, hashed there, then written."""
+    pm = urllib3.PoolManager(maxsize=1)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC | (os.O_DIRECT if how == "direct" else 0), 0o644)
+    buf = mmap.mmap(-1, SINGLE_BUF)
+    h = hashlib.sha256()
+    try:
+        r = pm.request("GET", url, preload_content=False, timeout=TIMEOUT, retries=False)
+        if r.status != 200:
+            raise RuntimeError(f"GET {url} -> HTTP {r.status}")
+        with memoryview(buf) as mv:
+            off = 0
+            while off < size:
+                want = min(SINGLE_BUF, size - off)
+                got = 0
+                while got < want:
+                    n = r._fp.readinto(mv[got:want])
+                    if not n:
+                        raise RuntimeError(f"{url}: body ended at {off + got} of {size}")
+                    got += n
+                h.update(mv[:got])
+                body = got // 4096 * 4096 if how == "direct" else got
+                os.pwrite(fd, mv[:body], off)
+                if body < got:  # the unaligned tail of the blob, through the page cache
+                    tail = os.open(path, os.O_WRONLY)
+                    os.pwrite(tail, mv[body:got], off + body)
+                    os.close(tail)
+                off += got
+        r.release_conn()
+        out["downloaded_at"] = time.monotonic()
+        out["digest"] = "sha256:" + h.hexdigest()
+    finally:
+        os.close(fd)
+        buf.close()
+        pm.clear()
+
+
 def fetch_blob(
     url: str, path: Path, size: int, layout: str, prealloc: str, buf: bytearray, out: dict[str, Any]
 ) -> None:
+    if layout == "single":
+        fetch_single(url, path, size, prealloc, out)
+        return
     pm = urllib3.PoolManager(maxsize=STREAMS)
     fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
     try:
@@ -431,8 +479,9 @@ def main() -> None:
         "read_mib": READ // MIB,
         "rounds": a.rounds,
         "what": (
-            "both blobs downloaded at once (one thread each), each with 4 ranged GET streams (urllib3, "
-            "read(1 MiB), pwrite), then each file hashed back from the page cache (preadv, 8 MiB buffer); "
+            "both blobs downloaded at once (one thread each); stripes/parts: 4 ranged GET streams per blob (urllib3, "
+            "read(1 MiB), pwrite), then each file hashed back from the page cache (preadv, 8 MiB buffer); single: "
+            "one GET per blob, readinto a reused aligned 4 MiB buffer, sha256 from it, pwrite buffered or O_DIRECT; "
             "wall_s covers download and hash, download_s the download only; user/sys are this process's "
             "(os.times); page cache dropped and the registry's storage read back in before every run, then up to "
             "45 s of waiting for less than 0.2 CPU busy elsewhere (bench/lib/proc.py wait_quiet; quiet=false when "
@@ -448,7 +497,7 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\n2 x {a.size_mib} MiB, 4 ranged streams per blob, median of {a.rounds} rounds\n")
+    print(f"\n2 x {a.size_mib} MiB at once, median of {a.rounds} rounds\n")
     print(tab)
     print(f"\nwrote {a.out} ({doc['total_s']} s in all)")
 
