@@ -51,6 +51,20 @@ def _start(root: Path, name: str, **kw) -> Registry:
         pytest.fail(str(e), pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_pack_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`imagevol pack`'s digest cache (in-process and in the CLI runs the tests start) lives in this
+    session's temp dir, not in the user's ~/.cache."""
+    if "IMAGEVOL_PACK_CACHE" in os.environ:
+        yield
+        return
+    os.environ["IMAGEVOL_PACK_CACHE"] = str(tmp_path_factory.mktemp("pack-cache") / "pack-digests.json")
+    try:
+        yield
+    finally:
+        os.environ.pop("IMAGEVOL_PACK_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def registries_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("registries")

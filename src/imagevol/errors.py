@@ -102,6 +102,10 @@ class StoreError(ImagevolError):
     """The content store is unusable or inconsistent."""
 
 
+class BusyError(ImagevolError):
+    """A volume cannot be removed while processes use it (the unmount was refused with EBUSY)."""
+
+
 def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, ImagevolError):
         return exc.exit_code

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .digest import Digest
-from .errors import ImagevolError, NotFoundError, StoreError, UsageError
+from .errors import BusyError, ImagevolError, NotFoundError, StoreError, UsageError
 from .materialize import Snapshot, copy_fd, force_rmtree
 from .store import Store, VolumeRecord
 from .store.meta import pid_alive
@@ -617,7 +617,7 @@ def create_volume(
 
 def remove_volume(store: Store, target: str | os.PathLike[str]) -> Volume:
     """Unmount (bind) or delete (hardlink, copy) the volume at ``target`` and drop its record and
-    lease. NotFoundError if no volume is recorded there; ImagevolError if the mount is busy."""
+    lease. NotFoundError if no volume is recorded there; BusyError if the mount is busy."""
     tgt = _canonical(target)
     with store.lock(_target_lock(tgt)):
         meta = store.meta
@@ -641,7 +641,7 @@ def remove_volume(store: Store, target: str | os.PathLike[str]) -> Volume:
                     _umount(rec.target)
                 except OSError as e:
                     if e.errno == errno.EBUSY:
-                        raise ImagevolError(
+                        raise BusyError(
                             f"volume at {rec.target} is busy: a process still uses it",
                             hint=f"stop what uses it (`fuser -vm {rec.target}` shows it), then retry",
                         ) from None

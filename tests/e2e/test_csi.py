@@ -656,6 +656,26 @@ def test_unpublish_releases_content_to_gc(env: Env, content: Content, registry) 
 
 
 @root_only
+def test_unpublish_of_a_busy_volume_is_a_failed_precondition(env: Env, content: Content, registry) -> None:
+    """A volume a process still uses cannot be unmounted: the kubelet hears FAILED_PRECONDITION
+    (not INTERNAL) with what to do, the volume stays as it was, and the retry after the process
+    let go succeeds."""
+    p = env.plugin
+    img = content.small
+    target = env.target("vol")
+    p.node.NodePublishVolume(publish_request("csi-busy", target, {"image": img.ref(registry.host)}), timeout=60)
+    name = sorted(img.files)[0]
+    with open(target / name, "rb") as held:
+        e = rpc_error(unpublish, p, "csi-busy", target)
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details())
+        assert "busy" in e.details() and "hint:" in e.details(), e.details()
+        assert str(target) in mountpoints()
+        assert held.read() == img.files[name]
+    unpublish(p, "csi-busy", target)
+    assert not target.exists() and str(target) not in mountpoints()
+
+
+@root_only
 def test_restart_between_publish_and_unpublish(env: Env, content: Content, proxy: Proxy) -> None:
     p, cli = env.plugin, env.cli
     img = content.small

@@ -16,6 +16,7 @@ from imagevol.csi.server import socket_path, validate_driver_name
 from imagevol.csi.status import Cancelled, Conflict, Pending, code_for, message_for, no_match_text
 from imagevol.errors import (
     AuthError,
+    BusyError,
     ContentRefusedError,
     DigestMismatchError,
     ImagevolError,
@@ -219,6 +220,7 @@ def test_bad_secrets(secrets: dict[str, str], needle: str) -> None:
         (UnsafeContentError("x"), C.FAILED_PRECONDITION),
         (ContentRefusedError("x"), C.FAILED_PRECONDITION),
         (StoreError("x"), C.UNAVAILABLE),
+        (BusyError("x"), C.FAILED_PRECONDITION),
         (ImagevolError("x"), C.INTERNAL),
         (OSError(28, "No space left on device"), C.INTERNAL),
         (RuntimeError("boom"), C.INTERNAL),

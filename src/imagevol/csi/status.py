@@ -26,6 +26,8 @@ DigestMismatchError                    DATA_LOSS
 other ContentRefusedError (unsafe or   FAILED_PRECONDITION
 refused content, bad manifests)
 StoreError                             UNAVAILABLE (the node's store is unusable)
+BusyError (unpublish of a volume that  FAILED_PRECONDITION (the kubelet retries once the
+processes still use)                   pod's processes are gone)
 anything else                          INTERNAL
 =====================================  ==================================================
 """
@@ -36,6 +38,7 @@ import grpc
 
 from ..errors import (
     AuthError,
+    BusyError,
     ContentRefusedError,
     DigestMismatchError,
     ImagevolError,
@@ -92,6 +95,8 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
         return Code.FAILED_PRECONDITION
     if isinstance(exc, StoreError):
         return Code.UNAVAILABLE
+    if isinstance(exc, BusyError):
+        return Code.FAILED_PRECONDITION
     return Code.INTERNAL
 
 
