@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from .errors import EXIT_ERROR, ImagevolError
+from .fsutil import keep_freed_memory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -148,6 +149,8 @@ def main(ctx: click.Context, root: str | None) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["root"] = root or default_root()
+    if ctx.invoked_subcommand in ("pull", "mount", "pack"):
+        keep_freed_memory()
 
 
 def default_root() -> str:

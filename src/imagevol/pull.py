@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -24,6 +25,7 @@ import urllib3
 
 from .digest import Digest, Verifier
 from .errors import DigestMismatchError, ImagevolError, NotFoundError, TransportError, UsageError
+from .fsutil import AlignedWriter
 from .manifest import Descriptor, Index, Manifest
 from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored
 from .platform import Platform, host_platform
@@ -417,15 +419,18 @@ class _Fetcher:
 
         With a `tap` (extraction while pulling), the bytes also go to its consumer, and writing and
         hashing move to threads of their own so that receiving never waits for them: on two cores
-        one thread doing all three was the pipeline's bottleneck."""
+        one thread doing all three was the pipeline's bottleneck. The writes are gathered into
+        aligned buffers and go around the page cache (fsutil.AlignedWriter, Ingest.write_aligned)."""
         verifier, offset = ing.resume_verifier()
-        writer = _Lane("imagevol-write") if tap is not None else None
+        writer: AlignedWriter | None = None
         hasher = _Lane("imagevol-hash") if tap is not None else None
         attempts = 0
         try:
             while offset < desc.size:
                 start = offset
                 f = self.source.open_blob(desc, offset)
+                if tap is not None:
+                    writer = AlignedWriter(ing.write_aligned, offset)
                 err: BaseException | None = None
                 skip = 0
                 try:
@@ -455,7 +460,7 @@ class _Fetcher:
                                 hint="the source served wrong content; nothing was stored",
                             )
                         if writer is not None and hasher is not None and tap is not None:
-                            writer.put(ing.write_at, offset, chunk)
+                            writer.write(chunk)
                             hasher.put(verifier.update, chunk)
                             tap.feed(offset, chunk)
                         else:
@@ -465,7 +470,7 @@ class _Fetcher:
                         self._count(desc.digest, len(chunk))
                         if offset - last_mark >= MARK_EVERY:
                             if writer is not None:
-                                writer.put(ing.mark_complete, start, offset, sync=False)
+                                writer.then(functools.partial(ing.mark_complete, start, offset, sync=False))
                             else:
                                 ing.mark_complete(start, offset, sync=False)
                             last_mark = offset
@@ -473,7 +478,8 @@ class _Fetcher:
                     with contextlib.suppress(Exception):
                         f.close()
                 if writer is not None:
-                    writer.drain()  # every byte received is written before the part map says so
+                    w, writer = writer, None
+                    w.close()  # every byte received is written before the part map says so
                 ing.mark_complete(start, offset, sync=False)
                 if offset < desc.size:
                     attempts += 1
@@ -481,9 +487,10 @@ class _Fetcher:
             if hasher is not None:
                 hasher.drain()
         finally:
-            for lane in (writer, hasher):
-                if lane is not None:
-                    lane.close()
+            if writer is not None:
+                writer.abandon()
+            if hasher is not None:
+                hasher.close()
         verifier.verify(f"blob {desc.digest} from {self.source.describe()}")
         return verifier.digest()
 

@@ -1,4 +1,5 @@
-"""Pieces of a large blob (imagevol.pieces) and the store's direct writes (Ingest.write_aligned)."""
+"""Pieces of a large blob (imagevol.pieces), the store's direct writes (Ingest.write_aligned) and
+fsutil.AlignedWriter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from imagevol.digest import Digest
+from imagevol.fsutil import AlignedWriter, pwrite_direct, reopen_direct
 from imagevol.pieces import PIECE, Buffers, cut_at, range_start
 from imagevol.store import Store
 from imagevol.store.ingest import DIRECT_ALIGN
@@ -126,3 +128,48 @@ def test_write_aligned_stays_inside_the_blob(tmp_path: Path):
         view.release()
         buf.close()
         ing.abort()
+
+
+# --------------------------------------------------------------------------- AlignedWriter
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+@pytest.mark.parametrize("start", [0, 4096 * 3, 12345])
+def test_aligned_writer_writes_what_it_was_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct, start):
+    """Odd-sized writes, holes and progress callbacks: the file holds exactly the bytes, holes
+    read as zeros, and each callback ran after the bytes before it were written."""
+    monkeypatch.setenv("IMAGEVOL_DIRECT_IO", direct)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    dfd = reopen_direct(fd)
+    assert (dfd is None) == (direct == "0")
+    expect = bytearray(start)
+    seen: list[tuple[int, bytes]] = []
+    w = AlignedWriter(lambda off, v: pwrite_direct(fd, dfd, off, v), start, size=64 * 1024)
+    for i, n in enumerate([1, 4095, 70_000, 3, 200_000, 65536, 17]):
+        if i == 3:
+            w.skip(10_000)
+            expect += bytes(10_000)
+        data = os.urandom(n)
+        w.write(data)
+        expect += data
+        at = len(expect)
+        w.then(lambda at=at: seen.append((at, os.pread(fd, at, 0))))
+    w.close()
+    if dfd is not None:
+        os.close(dfd)
+    os.close(fd)
+    assert path.read_bytes() == bytes(expect)
+    assert seen and all(got == bytes(expect[:at]) for at, got in seen)
+
+
+def test_aligned_writer_raises_the_writers_error():
+    def boom(off: int, view: memoryview) -> None:
+        raise OSError(28, "No space left on device")
+
+    w = AlignedWriter(boom, 0, size=4096)
+    with pytest.raises(OSError, match="No space"):
+        for _ in range(100):
+            w.write(os.urandom(4096))
+        w.close()
+    w.abandon()  # after an error: quiet, and idempotent

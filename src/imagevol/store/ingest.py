@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 from ..digest import Digest, Verifier
 from ..errors import DigestMismatchError, StoreError
+from ..fsutil import DIRECT_ALIGN, direct_io_enabled, pwrite_direct, start_writeback
 from ..fsutil import fsync_dir as _fsync_dir
-from ..fsutil import start_writeback
 from .locks import FileLock
 
 if TYPE_CHECKING:
@@ -38,16 +38,6 @@ if TYPE_CHECKING:
 
 READ_CHUNK = 1 << 20
 META_VERSION = 1
-#: Offsets, lengths and buffer addresses of direct (O_DIRECT) writes are multiples of this: it covers
-#: 512-byte and 4 KiB logical blocks, and the DMA alignment block devices ask for.
-DIRECT_ALIGN = 4096
-
-
-def direct_io_enabled() -> bool:
-    """Whether large blobs may be written around the page cache (``IMAGEVOL_DIRECT_IO=0`` says no)."""
-    return os.environ.get("IMAGEVOL_DIRECT_IO", "1").strip().lower() not in ("0", "off", "no", "false")
-
-
 Range = tuple[int, int]
 
 
@@ -286,36 +276,15 @@ class Ingest:
         buffer filled from ``offset % DIRECT_ALIGN``). The unaligned head and tail, and everything on
         file systems without direct I/O (or with ``IMAGEVOL_DIRECT_IO=0``), are written as
         :meth:`write_at` does."""
-        self._require_open()
+        fd = self._require_open()
         view = data.cast("B") if data.format != "B" else data
         if offset < 0 or offset + len(view) > self.size:
             raise ValueError(
                 f"write of {len(view)} bytes at {offset} is outside blob {self.digest.short} of {self.size} bytes"
             )
-        head = min(len(view), -offset % DIRECT_ALIGN)
-        body = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
-        dfd = self._direct_fd() if body else None
-        if dfd is None:
-            self.write_at(offset, view)
-            return
-        if head:
-            self.write_at(offset, view[:head])
-        pos, mid = offset + head, view[head : head + body]
-        try:
-            while len(mid):
-                n = os.pwrite(dfd, mid, pos)
-                if n % DIRECT_ALIGN:  # a short direct write: finish the rest through the page cache
-                    self.write_at(pos + n, mid[n:])
-                    break
-                mid = mid[n:]
-                pos += n
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._no_direct()  # misaligned memory, or a file system that takes O_DIRECT but not these
-            self.write_at(pos, mid)
-        if head + body < len(view):
-            self.write_at(offset + head + body, view[head + body :])
+        whole_block = len(view) - min(len(view), -offset % DIRECT_ALIGN) >= DIRECT_ALIGN
+        if not pwrite_direct(fd, self._direct_fd() if whole_block else None, offset, view):
+            self._no_direct()
 
     def read_aligned(self, offset: int, view: memoryview) -> int:
         """Read up to ``len(view)`` bytes at ``offset`` into ``view`` (placed in memory as for
