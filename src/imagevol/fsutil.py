@@ -93,6 +93,17 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+def pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """pread until ``view`` is full or the file ends; returns the bytes read."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
 def pwrite_direct(fd: int, dfd: int | None, offset: int, view: memoryview) -> bool:
     """Write ``view`` at ``offset``: its whole blocks through ``dfd`` (the file opened O_DIRECT), the
     unaligned head and tail through ``fd``. ``view`` must sit in memory at the same offset modulo

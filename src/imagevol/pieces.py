@@ -34,8 +34,9 @@ import urllib3
 
 from .digest import Digest, Verifier
 from .errors import DigestMismatchError, ImagevolError, StoreError
+from .fsutil import DIRECT_ALIGN
 from .manifest import Descriptor
-from .store.ingest import DIRECT_ALIGN, Ingest
+from .store.ingest import Ingest
 
 #: Large blobs are received in pieces of this size (cut at multiples of it), each into one buffer.
 PIECE = 4 << 20

@@ -42,8 +42,8 @@ CHUNK = 1 << 20
 DEFAULT_PART_SIZE = 64 << 20
 DEFAULT_CONCURRENCY = 4
 DEFAULT_PARTS_PER_BLOB = 1
-# Progress is recorded in the ingest's part map at least this often, so a killed pull loses at most
-# this much per stream in flight (less than one part in all, with the default 4 streams per blob).
+# A streamed blob's progress is recorded in the ingest's part map at least this often, so a killed
+# pull loses at most this much of it (large blobs fetched in pieces record every 4 MiB piece).
 MARK_EVERY = 8 << 20
 # What a cut connection raises while a body is read (retried from the last byte received).
 _CUT = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
@@ -393,7 +393,7 @@ class _Fetcher:
                 if tap is not None:
                     verified = self._stream(desc, ing, tap)  # in order, for the consumer
                 elif desc.size >= PIECE and isinstance(self.source, RegistrySource):
-                    verified = self._ranged(desc, ing)
+                    verified = self._fetch_pieces(desc, ing)
                 else:
                     verified = self._stream(desc, ing)
             except DigestMismatchError:
@@ -494,7 +494,7 @@ class _Fetcher:
         verifier.verify(f"blob {desc.digest} from {self.source.describe()}")
         return verifier.digest()
 
-    def _ranged(self, desc: Descriptor, ing: Any) -> Digest | None:
+    def _fetch_pieces(self, desc: Descriptor, ing: Any) -> Digest | None:
         """Fetch a large blob in pieces (:class:`PieceFetch`), hashed in order from the receive
         buffers and written around the page cache; a blob over the part size is fetched over
         `parts_per_blob` streams, in runs of the part size. A source that ignores Range gets one

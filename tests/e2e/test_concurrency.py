@@ -214,5 +214,8 @@ def test_rm_and_gc_cannot_pull_content_from_under_a_mount(registry, iv: Imagevol
         assert iv.run("gc").returncode == 0
     finally:
         Path(mark + ".go").touch()
-    assert wait_all([p]) == [0], (tmp_path / "mount.log").read_text()
-    assert content_ok(target, img.files)
+    try:
+        assert wait_all([p]) == [0], (tmp_path / "mount.log").read_text()
+        assert content_ok(target, img.files)
+    finally:
+        iv.unmount(target)  # no bind mount outlives the test

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from imagevol.digest import Digest
-from imagevol.fsutil import AlignedWriter, pwrite_direct, reopen_direct
+from imagevol.fsutil import DIRECT_ALIGN, AlignedWriter, pwrite_direct, reopen_direct
 from imagevol.pieces import PIECE, Buffers, cut_at, range_start
 from imagevol.store import Store
-from imagevol.store.ingest import DIRECT_ALIGN
 
 
 def test_ranges_are_cut_at_multiples_of_the_size():

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from ..digest import Digest, Verifier
 from ..errors import DigestMismatchError, StoreError
-from ..fsutil import DIRECT_ALIGN, direct_io_enabled, pwrite_direct, start_writeback
+from ..fsutil import DIRECT_ALIGN, direct_io_enabled, pread_full, pwrite_all, pwrite_direct, start_writeback
 from ..fsutil import fsync_dir as _fsync_dir
 from .locks import FileLock
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 READ_CHUNK = 1 << 20
 META_VERSION = 1
+
 Range = tuple[int, int]
 
 
@@ -248,10 +249,7 @@ class Ingest:
             raise ValueError(
                 f"write of {len(view)} bytes at {offset} is outside blob {self.digest.short} of {self.size} bytes"
             )
-        while len(view):
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
-            offset += n
+        pwrite_all(fd, view, offset)
 
     def _direct_fd(self) -> int | None:
         with self._mu:
@@ -296,19 +294,19 @@ class Ingest:
         body = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
         dfd = self._direct_fd() if body and self._dfd is not None else None
         if dfd is None:
-            return _pread_full(fd, view, offset)
-        n = _pread_full(fd, view[:head], offset) if head else 0
+            return pread_full(fd, view, offset)
+        n = pread_full(fd, view[:head], offset) if head else 0
         if n < head:
             return n
         try:
-            k = _pread_full(dfd, view[head : head + body], offset + head)
+            k = pread_full(dfd, view[head : head + body], offset + head)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            k = _pread_full(fd, view[head : head + body], offset + head)
+            k = pread_full(fd, view[head : head + body], offset + head)
         if k < body or head + body == len(view):
             return head + k
-        return head + body + _pread_full(fd, view[head + body :], offset + head + body)
+        return head + body + pread_full(fd, view[head + body :], offset + head + body)
 
     def mark_complete(self, start: int, end: int, *, sync: bool = True) -> None:
         """Record ``[start, end)`` as written: fdatasync the data, then persist the part map atomically.
@@ -430,17 +428,6 @@ class Ingest:
 
     def __repr__(self) -> str:
         return f"Ingest({self.digest!s}, size={self.size}, done={sum(e - s for s, e in self._ranges)})"
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    """pread until ``view`` is full or the file ends; returns the bytes read."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            break
-        got += n
-    return got
 
 
 def remove_ingest_dir(directory: Path) -> None:
