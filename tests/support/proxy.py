@@ -27,7 +27,8 @@ and to the first ``times`` requests it applies to:
 
 ``proxy.rate_limit`` (bytes per second, shared by all connections; ``None``: unlimited) paces
 body bytes, so what the proxy counts as sent is what the client has received, give or take a
-chunk per connection (no megabytes parked in socket buffers).
+chunk per connection (no megabytes parked in socket buffers). ``proxy.conn_rate_limit`` paces
+each connection on its own (a link where one connection is slow, many are not).
 
 Every loop is bounded in count and time; only ``127.0.0.0/8`` addresses are used.
 """
@@ -210,6 +211,7 @@ class Proxy:
         self._presigned: dict[str, tuple[str, dict[str, str]]] = {}
         self._stop = threading.Event()
         self.rate_limit: float | None = None
+        self.conn_rate_limit: float | None = None
         self._pace_next = 0.0
         self.side = SideServer()
         self.server: _Server | None = None
@@ -278,6 +280,7 @@ class Proxy:
         """No fault, empty logs and counters."""
         self.fault = None
         self.rate_limit = None
+        self.conn_rate_limit = None
         with self._mu:
             self.requests.clear()
             self.auth_log.clear()
@@ -545,10 +548,21 @@ class Proxy:
         if start > now:
             self._stop.wait(min(start - now, MAX_STALL))
 
+    def _pace_conn(self, h: _Handler, n: int) -> None:
+        rate = self.conn_rate_limit
+        if not rate or rate <= 0:
+            return
+        now = time.monotonic()
+        start = max(getattr(h, "pace_next", 0.0), now)
+        h.pace_next = start + n / rate  # type: ignore[attr-defined]
+        if start > now:
+            self._stop.wait(min(start - now, MAX_STALL))
+
     def _write(self, h: _Handler, path: str, data: bytes) -> bool:
         if not data:
             return True
         self._pace(len(data))
+        self._pace_conn(h, len(data))
         try:
             h.wfile.write(data)
         except OSError:
