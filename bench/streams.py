@@ -31,6 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.lib.model import write_random  # noqa: E402
+
 from tests.support.proxy import Proxy  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
 
@@ -39,15 +41,6 @@ MIB = 1 << 20
 
 def imagevol() -> list[str]:
     return [sys.executable, "-m", "imagevol"]
-
-
-def write_random(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(8 * MIB, left)
-            f.write(os.urandom(n))
-            left -= n
 
 
 def one_pull(ref: str, root: Path, streams: int, env: dict[str, str]) -> dict[str, Any]:

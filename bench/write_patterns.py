@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import urllib3  # noqa: E402
+from bench.lib.model import write_random  # noqa: E402
 from bench.lib.proc import process_cpu_s, system_busy_s, wait_quiet  # noqa: E402
 from bench.lib.scenarios import settle  # noqa: E402
 
@@ -124,19 +125,6 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def write_random(path: Path, size: int) -> str:
-    """``size`` bytes from os.urandom (8 MiB chunks, never whole in memory); returns the digest."""
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = os.urandom(min(8 * MIB, left))
-            h.update(chunk)
-            f.write(chunk)
-            left -= len(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def push_blob(pm: urllib3.PoolManager, reg: Registry, repo: str, path: Path, digest: str) -> None:

@@ -5,6 +5,7 @@ Shards are written from os.urandom in 8 MiB chunks, never whole in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -57,3 +58,16 @@ def make_model(directory: Path, size_mib: int) -> dict[str, int]:
                 left -= n
         sizes[name] = size
     return sizes
+
+
+def write_random(path: Path, size: int) -> str:
+    """``size`` bytes from os.urandom (8 MiB chunks, never whole in memory); returns the digest."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(CHUNK, left))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    return "sha256:" + h.hexdigest()
