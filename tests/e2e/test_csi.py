@@ -362,6 +362,7 @@ def test_identity_and_node_info(env: Env) -> None:
     node_caps = p.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=5)
     rpcs = {c.rpc.type for c in node_caps.capabilities}
     assert pb.NodeServiceCapability.RPC.STAGE_UNSTAGE_VOLUME not in rpcs  # the kubelet must not stage
+    assert pb.NodeServiceCapability.RPC.GET_VOLUME_STATS in rpcs
     # An RPC of the Node service the plugin does not serve: UNIMPLEMENTED, as the spec allows.
     stage = p.channel.unary_unary("/csi.v1.Node/NodeStageVolume")
     e = rpc_error(stage, b"", timeout=5)
@@ -588,6 +589,109 @@ def test_unpublish_while_pulling_cancels_the_mount(env: Env, content: Content, p
         assert proxy.bytes_total - before < 64 << 10
         unpublish(p, "csi-cancel", target)
     assert set(img.blobs) <= set(gc(cli)["removed"])
+
+
+def test_calls_without_a_deadline_wait_without_limit(env: Env, content: Content, proxy: Proxy) -> None:
+    """A call without a gRPC deadline (grpcio reports ~9.2e18 s remaining) waits until its work is
+    done: no timestamp is computed from it (that ended in INTERNAL: OverflowError)."""
+    p = env.plugin
+    img = content.big
+    proxy.rate_limit = 4 * MiB  # the publish waits for a pull of about a second
+    target = env.target("vol")
+    req = publish_request("csi-nodeadline", target, {"image": img.ref(proxy.host)})
+    p.node.NodePublishVolume(req)  # no timeout: no deadline
+    if IS_ROOT:
+        assert files_under(target) == img.files
+    p.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="csi-nodeadline", target_path=str(target)))
+    assert not target.exists()
+    assert "OverflowError" not in p.current_log.read_text()
+
+
+@root_only
+def test_a_job_leaves_the_table_only_when_done(tmp_path: Path, content: Content, proxy: Proxy) -> None:
+    """The jobs table holds every job whose thread still runs: a wait that cannot be timed (no
+    deadline) and an unpublish during the pull leave the job where the next call finds it."""
+    from imagevol.csi.attrs import parse_attributes
+    from imagevol.csi.publisher import PluginConfig, Publisher, canonical_target
+    from imagevol.csi.status import Pending
+    from imagevol.platform import parse_platform
+
+    node = [parse_platform(NODE)]
+    pub = Publisher(PluginConfig(root=tmp_path / "store", node_id="n1", platforms=node))
+    spec = parse_attributes({"image": content.big.ref(proxy.host)}, node)
+    proxy.rate_limit = 2 * MiB
+    t1, t2 = tmp_path / "pods" / "a" / "mount", tmp_path / "pods" / "b" / "mount"
+    t1.parent.mkdir(parents=True)
+    t2.parent.mkdir(parents=True)
+    # Unpublished while pulling: cancelled, yet in the table until its thread is done.
+    proxy.rate_limit = 1 * MiB  # the 4 MiB layer takes 4 s at least
+    with pytest.raises(Pending):
+        pub.publish("vol-b", t2, spec, timeout=0)
+    key = ("vol-b", canonical_target(t2))
+    wait_for("the pull", lambda: proxy.bytes_total > 0)
+    pub.unpublish("vol-b", t2)
+    job = pub._jobs.get(key)
+    assert job is not None and job.cancelled and not job.future.done(), "a running job left the table"
+    with pytest.raises(Pending, match="unpublished while"):
+        pub.publish("vol-b", t2, spec, timeout=0)
+    job.future.exception(timeout=120)
+    wait_for("the job gone", lambda: key not in pub._jobs)
+    assert not t2.exists() and str(t2) not in mountpoints()
+    # A wait without limit (the time a call without deadline has): the call waits for the job.
+    out: list[object] = []
+    waiter = threading.Thread(target=lambda: out.append(_call(pub.publish, "vol-a", t1, spec, timeout=9.2e18)))
+    waiter.start()
+    waiter.join(120)
+    assert out and not isinstance(out[0], BaseException), out
+    assert files_under(t1) == content.big.files
+    assert ("vol-a", canonical_target(t1)) not in pub._jobs  # done and delivered
+    pub.unpublish("vol-a", t1, timeout=9.2e18)
+    assert not t1.exists()
+
+
+def _call(fn, *args, **kw) -> object:
+    try:
+        return fn(*args, **kw)
+    except BaseException as e:
+        return e
+
+
+@root_only
+def test_volume_stats(env: Env, content: Content, registry) -> None:
+    """NodeGetVolumeStats: usage of the file system the volume lives on, and its condition (the
+    kubelet's volume health); NOT_FOUND for a path without the volume, INVALID_ARGUMENT for a
+    request without id or path."""
+    p = env.plugin
+    rpcs = {c.rpc.type for c in p.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest(), timeout=5).capabilities}
+    assert {pb.NodeServiceCapability.RPC.GET_VOLUME_STATS, pb.NodeServiceCapability.RPC.VOLUME_CONDITION} <= rpcs
+    target = env.target("vol")
+    p.node.NodePublishVolume(
+        publish_request("csi-stats", target, {"image": content.small.ref(registry.host)}), timeout=60
+    )
+
+    def stats(vid: str = "csi-stats", path: str = str(target)) -> pb.NodeGetVolumeStatsResponse:
+        return p.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path), timeout=10)
+
+    r = stats()
+    units = {u.unit: u for u in r.usage}
+    st = os.statvfs(target)
+    b, i = units[pb.VolumeUsage.BYTES], units[pb.VolumeUsage.INODES]
+    assert b.total == st.f_blocks * st.f_frsize and 0 < b.used <= b.total and b.available <= b.total
+    assert i.total == st.f_files and 0 < i.used <= i.total
+    assert r.HasField("volume_condition") and not r.volume_condition.abnormal
+    for vid, path, code in [
+        ("", str(target), grpc.StatusCode.INVALID_ARGUMENT),
+        ("csi-stats", "", grpc.StatusCode.INVALID_ARGUMENT),
+        ("csi-stats", str(env.target("other")), grpc.StatusCode.NOT_FOUND),
+        ("csi-other", str(target), grpc.StatusCode.NOT_FOUND),
+    ]:
+        assert rpc_error(stats, vid, path).code() == code, (vid, path)
+    # The mount is gone (someone unmounted it): abnormal, saying so.
+    subprocess.run(["umount", str(target)], check=True)
+    r = stats()
+    assert r.volume_condition.abnormal and "no longer mounted" in r.volume_condition.message
+    unpublish(p, "csi-stats", target)
+    assert rpc_error(stats).code() == grpc.StatusCode.NOT_FOUND
 
 
 # --------------------------------------------------------------------------- idempotency, unpublish, gc

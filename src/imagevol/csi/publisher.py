@@ -140,6 +140,20 @@ class Job:
 
 
 @dataclass
+class VolumeStats:
+    """What NodeGetVolumeStats reports: the file system the volume lives on, and its condition."""
+
+    bytes_total: int
+    bytes_available: int
+    bytes_used: int
+    inodes_total: int
+    inodes_available: int
+    inodes_used: int
+    abnormal: bool = False
+    message: str = ""
+
+
+@dataclass
 class PluginConfig:
     """Settings of one plugin process."""
 
@@ -148,6 +162,15 @@ class PluginConfig:
     driver_name: str = DEFAULT_DRIVER_NAME
     platforms: list[Platform] = field(default_factory=list)
     options: RegistryOptions = field(default_factory=RegistryOptions)
+
+
+MAX_WAIT = 365 * 86400.0
+"""Waits longer than this are waits without limit (a lock or a condition cannot hold a larger timeout)."""
+
+
+def _wait_limit(timeout: float | None) -> float | None:
+    """`timeout` for a lock or future wait: None (no limit) for None, NaN or anything over MAX_WAIT."""
+    return timeout if timeout is not None and timeout < MAX_WAIT else None
 
 
 def canonical_target(target: str | os.PathLike[str]) -> Path:
@@ -386,6 +409,12 @@ class Publisher:
                 if stale or job.spec != spec:
                     del self._jobs[key]
                     job = None
+            if job is not None and job.cancelled and not job.future.done():
+                raise Pending(
+                    f"volume {volume_id} at {tgt} was unpublished while it was being published; that "
+                    "work is still ending",
+                    "retry in a moment",
+                )
             if job is not None and job.spec != spec:
                 raise Pending(
                     f"volume {volume_id} is being published at {tgt} with other attributes ({job.spec.describe()})",
@@ -409,15 +438,17 @@ class Publisher:
                     daemon=True,
                 ).start()
         try:
-            return job.future.result(timeout=timeout)
+            return job.future.result(timeout=_wait_limit(timeout))
         except FutureTimeout:
             raise Pending(
                 f"volume {volume_id}: {job.describe()}; the work goes on",
                 "the next NodePublishVolume call for this volume attaches to it",
             ) from None
         except BaseException:
-            with self._mu:  # delivered: the next retry starts a new attempt
-                if self._jobs.get(key) is job:
+            # The job's own failure, delivered: the next retry starts a new attempt. Anything else
+            # (the wait itself failed) leaves a job that still runs where the retry finds it.
+            with self._mu:
+                if self._jobs.get(key) is job and job.future.done():
                     del self._jobs[key]
             raise
 
@@ -473,6 +504,10 @@ class Publisher:
         job.state = "done"
         job.done_at = time.monotonic()
         if error is not None:
+            if job.cancelled:  # unpublished: nobody waits for this outcome
+                with self._mu:
+                    if self._jobs.get((job.volume_id, job.target)) is job:
+                        del self._jobs[(job.volume_id, job.target)]
             job.future.set_exception(error)
             if res is not None:
                 # The pull may have made the plugin's reference, and no volume holds it: forget it
@@ -661,6 +696,44 @@ class Publisher:
             with self._mu:
                 self._secret_pulls -= 1
 
+    # ---- health
+
+    def volume_stats(self, volume_id: str, path: str | os.PathLike[str]) -> VolumeStats:
+        """Usage and condition of the volume published at `path` (NotFoundError if none is, or
+        another volume is)."""
+        self.ensure_started()
+        tgt = canonical_target(path)
+        rec = self.store.meta.get_volume_by_target(os.fspath(tgt))
+        doc = _read_json(self._record_path(tgt))
+        if rec is None or (doc is not None and doc.get("volumeId") not in (None, volume_id)):
+            raise NotFoundError(
+                f"volume {volume_id} is not published at {tgt}",
+                hint="NodeGetVolumeStats answers for a path this plugin published the volume at",
+            )
+        problems: list[str] = []
+        if rec.mode == "bind" and os.fspath(tgt) not in mountpoints():
+            problems.append(f"{tgt} is no longer mounted")
+        elif rec.mode != "bind" and not os.path.lexists(tgt):
+            problems.append(f"{tgt} is gone")
+        snap = self.store.meta.get_snapshot(rec.snapshot_key) if rec.snapshot_key else None
+        if snap is None or snap.state != "ready":
+            problems.append(f"its snapshot {rec.snapshot_key or '?'} is not ready in the store")
+        elif not os.path.isdir(snap.path) or os.path.islink(snap.path):
+            problems.append(f"its snapshot {snap.path} is missing from the store")
+        where = snap.path if snap is not None and not problems else os.fspath(self.store.root)
+        st = os.statvfs(where)
+        usage = VolumeStats(
+            bytes_total=st.f_blocks * st.f_frsize,
+            bytes_available=st.f_bavail * st.f_frsize,
+            bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            inodes_total=st.f_files,
+            inodes_available=st.f_favail,
+            inodes_used=st.f_files - st.f_ffree,
+            abnormal=bool(problems),
+            message="; ".join(problems) + ("; unpublish and publish it again" if problems else ""),
+        )
+        return usage
+
     # ---- unpublish
 
     def unpublish(self, volume_id: str, target: str | os.PathLike[str], *, timeout: float | None = None) -> bool:
@@ -681,12 +754,13 @@ class Publisher:
         with self._mu:
             job = self._jobs.get(key)
         if job is not None:
-            if not job.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            limit = _wait_limit(timeout)
+            if not job.lock.acquire(timeout=-1 if limit is None else max(0.0, limit)):
                 raise Pending(f"volume {volume_id} is being mounted at {tgt}", "retry in a moment")
             job.cancelled = True
             job.lock.release()
-            with self._mu:
-                if self._jobs.get(key) is job:
+            with self._mu:  # a job still running stays in the table: it leaves when its thread is done
+                if self._jobs.get(key) is job and job.future.done():
                     del self._jobs[key]
             record = _read_json(self._record_path(tgt))  # the job may just have written it
         ref_key: str | None = None
@@ -740,4 +814,4 @@ class Publisher:
             self.metrics.volumes.set(sum(1 for _ in self._volumes_dir.glob("*.json")))
 
 
-__all__ = ["Conflict", "Job", "PluginConfig", "Publisher", "SharedPull", "canonical_target"]
+__all__ = ["Conflict", "Job", "PluginConfig", "Publisher", "SharedPull", "VolumeStats", "canonical_target"]

@@ -74,11 +74,16 @@ def validate_driver_name(name: str) -> str:
     return name
 
 
+# A call whose time remaining is beyond this has no deadline: grpcio reports about 9.2e18 s for a
+# call without one, more than any timestamp or lock timeout can hold.
+NO_DEADLINE_ABOVE = 365 * 86400.0
+
+
 def _budget(context: grpc.ServicerContext) -> float | None:
     """Seconds to wait before answering "pending": the caller's deadline less a margin for the
-    answer to reach it (None: the caller set no deadline)."""
+    answer to reach it (None: the caller set no deadline, and the call waits without limit)."""
     left = context.time_remaining()
-    if left is None:
+    if left is None or not left < NO_DEADLINE_ABOVE:  # also NaN
         return None
     return max(0.0, left - min(1.0, max(0.05, 0.2 * left)))
 
@@ -200,12 +205,38 @@ class NodeService(pb_grpc.NodeServicer):
             return pb.NodeUnpublishVolumeResponse()
         raise AssertionError("unreachable")
 
+    def NodeGetVolumeStats(
+        self, request: pb.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> pb.NodeGetVolumeStatsResponse:
+        # The kubelet polls it for the volume's health (VOLUME_CONDITION) and its usage metrics.
+        with _Rpc("NodeGetVolumeStats", request.volume_id).run(context):
+            if not request.volume_id:
+                raise UsageError("volume_id is missing")
+            if not request.volume_path or not request.volume_path.startswith("/"):
+                raise UsageError(f"volume_path {request.volume_path!r} must be an absolute path")
+            st = self.publisher.volume_stats(request.volume_id, request.volume_path)
+            unit = pb.VolumeUsage
+            return pb.NodeGetVolumeStatsResponse(
+                usage=[
+                    unit(total=st.bytes_total, available=st.bytes_available, used=st.bytes_used, unit=unit.BYTES),
+                    unit(total=st.inodes_total, available=st.inodes_available, used=st.inodes_used, unit=unit.INODES),
+                ],
+                volume_condition=pb.VolumeCondition(abnormal=st.abnormal, message=st.message),
+            )
+        raise AssertionError("unreachable")
+
     def NodeGetCapabilities(
         self, request: pb.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> pb.NodeGetCapabilitiesResponse:
-        # No staging, no stats, no expansion: publish and unpublish are all an image volume needs.
+        # No staging, no expansion: publish and unpublish are all an image volume needs; stats and
+        # the volume's condition for the kubelet's health checks.
         with _Rpc("NodeGetCapabilities").run(context):
-            return pb.NodeGetCapabilitiesResponse()
+            rpc = pb.NodeServiceCapability.RPC
+            return pb.NodeGetCapabilitiesResponse(
+                capabilities=[
+                    pb.NodeServiceCapability(rpc=rpc(type=t)) for t in (rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION)
+                ]
+            )
         raise AssertionError("unreachable")
 
     def NodeGetInfo(self, request: pb.NodeGetInfoRequest, context: grpc.ServicerContext) -> pb.NodeGetInfoResponse:
