@@ -45,6 +45,15 @@ from .csi import DEFAULT_DRIVER_NAME
     help="The node's platform preference list, best first (repeatable or comma-separated; default: this "
     "host). A volume's `platform` attribute overrides it.",
 )
+@click.option(
+    "--access-ttl",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a registry's confirmation that a volume's credentials may read content another volume's "
+    "secret pulled onto the node is reused (kept in the store across restarts; 0: ask at every publish).",
+)
 @registry_options
 @click.pass_context
 @handle_errors
@@ -56,6 +65,7 @@ def csi_cmd(
     metrics_port: int,
     metrics_host: str,
     platforms: tuple[str, ...],
+    access_ttl: float,
     **kw: Any,
 ) -> None:
     """Serve the CSI Identity and Node services for ephemeral inline volumes.
@@ -95,6 +105,7 @@ def csi_cmd(
         driver_name=driver_name,
         platforms=node or [host_platform()],
         options=make_options(kw),
+        access_ttl=access_ttl,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s"))

@@ -41,6 +41,7 @@ from tests.support import oci
 from tests.support.clirun import Imagevol, mount_options, mountpoints
 from tests.support.proxy import Proxy
 from tests.support.registry import free_port
+from tests.support.rogue import RogueRegistry
 from tests.support.tars import E, push_image, tar_layer
 
 pytestmark = pytest.mark.e2e
@@ -977,13 +978,13 @@ def test_private_content_needs_the_volumes_own_credentials(env: Env, basic_regis
     # Without credentials, the content in the store is not enough: the registry says no.
     tb = env.target("b")
     for attrs, codes, needle in [
-        ({"image": ref}, (grpc.StatusCode.UNAUTHENTICATED,), "nodePublishSecretRef"),
+        ({"image": ref}, (grpc.StatusCode.PERMISSION_DENIED,), "nodePublishSecretRef"),
         ({"image": ref, "pullPolicy": "Never"}, (grpc.StatusCode.PERMISSION_DENIED,), "pullPolicy"),
         # The same digest under another name on the same registry (no pull there ever).
         (
             {"image": f"{basic_registry.host}/csi/elsewhere@{digest}"},
-            (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND),
-            "",
+            (grpc.StatusCode.PERMISSION_DENIED,),
+            "does not confirm",
         ),
     ]:
         err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, attrs), timeout=30)
@@ -994,8 +995,7 @@ def test_private_content_needs_the_volumes_own_credentials(env: Env, basic_regis
     err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, {"image": ref}, secrets=wrong), timeout=30)
     assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
     assert not tb.exists()
-    # The same credentials in another volume mount from the store, before and after a restart
-    # (which forgets which credentials were checked: they are checked once more).
+    # The same credentials in another volume mount from the store, before and after a restart.
     tc = env.target("c")
     p.node.NodePublishVolume(publish_request("csi-c", tc, {"image": ref}, secrets=secret), timeout=60)
     assert files_under(tc) == img.files
@@ -1005,6 +1005,96 @@ def test_private_content_needs_the_volumes_own_credentials(env: Env, basic_regis
     p.node.NodePublishVolume(publish_request("csi-d", td, {"image": ref}, secrets=secret), timeout=60)
     assert files_under(td) == img.files
     err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, {"image": ref}), timeout=30)
-    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     for vid, t in (("csi-a", ta), ("csi-c", tc), ("csi-d", td)):
         unpublish(p, vid, t)
+
+
+@root_only
+def test_private_blobs_need_the_volumes_own_credentials(env: Env, basic_registry) -> None:
+    """KEP-2535 for every digest (the issue's case): pod A mounts a private image with its secret;
+    pod B, without one, publishes an artifact of its own from a registry it controls whose layer
+    descriptor copies A's layer digest and size. The store holds that layer, so the pull never
+    fetches it: B is refused unless B's registry serves those bytes to B (a registry that does not
+    hold them, or that only claims to, is refused), and B's volume never holds A's bytes. A volume
+    with its own valid credentials for A's repository is admitted after one check per digest; the
+    answer is cached, across a plugin restart too, for --access-ttl seconds."""
+    p = env.plugin
+    client = oci.Client(basic_registry)
+    weights = os.urandom(256 << 10)  # random: a slice of it cannot be guessed
+    img = _image(client, "secret-model", {"weights.bin": weights})
+    man = json.loads(client.get_manifest(img.repo, img.tag)[0])
+    layer = man["layers"][0]
+    user, password = next(iter(basic_registry.users.items()))
+    px = Proxy(basic_registry.url, chunk=64 << 10).start()
+    rogue = RogueRegistry().start()
+    try:
+        ref = img.ref(px.host)
+        ta = env.target("a")
+        p.node.NodePublishVolume(
+            publish_request("csi-a", ta, {"image": ref}, secrets={"username": user, "password": password}), timeout=60
+        )
+        assert files_under(ta) == img.files
+        # B's artifact: its own config, A's layer descriptor (titled: the volume would hold it as a file).
+        cfg = b'{"model": "b"}'
+        stolen = {**layer, "annotations": {TITLE: "stolen.bin"}}
+        body, _ = oci.make_image_manifest(
+            oci.descriptor("application/vnd.example.b.config.v1+json", cfg), [stolen], artifact_type="application/x-b"
+        )
+        rogue.manifest("b/model", "v1", body, oci.OCI_MANIFEST)
+        rogue.blob("b/model", oci.sha256_digest(cfg), cfg)
+        tb = env.target("b")
+        px.reset()
+
+        def refused(attrs: dict[str, str], vid: str = "csi-b") -> str:
+            err = rpc_error(p.node.NodePublishVolume, publish_request(vid, tb, attrs), timeout=30)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (err.code(), err.details())
+            assert not tb.exists() and str(tb) not in mountpoints()
+            return err.details()
+
+        for policy in ("IfNotPresent", "Always"):
+            details = refused({"image": f"{rogue.host}/b/model:v1", "pullPolicy": policy})
+            assert layer["digest"] in details and "does not confirm" in details
+            assert img.repo not in details and px.host not in details  # nothing of A's but the digest
+        assert ("GET", f"/v2/b/model/blobs/{layer['digest']}") in rogue.requests  # B's registry was asked
+        assert not px.requests  # A's registry is not B's business
+        # A registry that claims the blob but serves other bytes does not confirm it either.
+        rogue.blob("b/model", layer["digest"], os.urandom(layer["size"]))
+        refused({"image": f"{rogue.host}/b/model:v1"})
+        refused({"image": f"{rogue.host}/b/model:v1", "pullPolicy": "Never"})
+        # Other valid credentials for A's repository (a dockerconfigjson secret: another identity).
+        auth = __import__("base64").b64encode(f"{user}:{password}".encode()).decode()
+        other = {".dockerconfigjson": json.dumps({"auths": {px.host: {"auth": auth}}})}
+        px.reset()
+        tc = env.target("c")
+        p.node.NodePublishVolume(publish_request("csi-c", tc, {"image": ref}, secrets=other), timeout=60)
+        assert files_under(tc) == img.files
+        asked = [r for r in px.requests if r.status == 200 or r.status == 206]
+        assert {r.bare_path.rsplit("/", 1)[-1] for r in asked} >= {layer["digest"], man["config"]["digest"]}
+        assert all(r.method == "GET" for r in asked)
+        assert px.bytes_for(layer["digest"]) <= 4096  # a slice, not the layer
+        # Cached: the next volume with those credentials, and again after a restart, asks nothing.
+        px.reset()
+        td = env.target("d")
+        p.node.NodePublishVolume(publish_request("csi-d", td, {"image": ref}, secrets=other), timeout=60)
+        assert not px.requests, px.requests
+        p.stop()
+        p.start()
+        te = env.target("e")
+        p.node.NodePublishVolume(publish_request("csi-e", te, {"image": ref}, secrets=other), timeout=60)
+        assert files_under(te) == img.files
+        assert not px.requests, px.requests
+        refused({"image": f"{rogue.host}/b/model:v1"})  # B still may not
+        # An answer older than the TTL is not used: a plugin with --access-ttl 0 asks again.
+        for vid, t in (("csi-a", ta), ("csi-c", tc), ("csi-d", td), ("csi-e", te)):
+            unpublish(p, vid, t)
+        p.stop()
+        p.extra = (*p.extra, "--access-ttl", "0")
+        p.start()
+        tf = env.target("f")
+        p.node.NodePublishVolume(publish_request("csi-f", tf, {"image": ref}, secrets=other), timeout=60)
+        assert any(layer["digest"] in r.path for r in px.requests)
+        unpublish(p, "csi-f", tf)
+    finally:
+        px.stop()
+        rogue.stop()

@@ -24,17 +24,28 @@ plugin's (``R/csi/refs/``): when its last volume is unpublished, or a publish en
 reference, so ``imagevol gc`` can reclaim the content. References pulled by hand (``imagevol
 pull``) stay.
 
-Private content. The store serves every pod on the node, and a pull with pullPolicy missing or
-never takes content already in the store without asking the registry (a digest reference even
-under any repository name). So content that a pull fetched with a volume's own secret
-(``nodePublishSecretRef``) is marked private (``R/csi/private/``, by root and manifest digest),
-and a publish served from the store whose credentials (the volume's secret, or none: the node's
-auth files) have not yet been seen to reach that content asks the registry again with them
-(pullPolicy always for that pull: one manifest request, no blob download). A registry that refuses
-fails the publish; pullPolicy never, which cannot ask, is refused. Which credentials were checked
-is kept in memory only (no hash of a secret is written to disk); after a restart each is checked
-once more. Content pulled without a volume secret (anonymously, or with the node's credentials)
-is not marked: node-wide credentials serve every pod by design.
+Private content (Kubernetes KEP-2535, for every digest). The store serves every pod on the node,
+and a pull takes whatever it finds in the store without asking the registry: a reference pulled
+before (pullPolicy missing or never), a digest reference under any repository name, and any blob
+that another image's manifest names (a manifest that copies another image's layer descriptor gets
+that image's bytes). So every digest a volume uses (the root, each index walked, the manifest, the
+config, the layers) that a pull with a volume's own secret (``nodePublishSecretRef``) fetches
+first is marked private (``R/csi/private/<alg>-<hex>.json``, written before the fetch starts, so a
+publish that finds the content meanwhile is checked too). Before a publish is served, each private
+digest it uses must be confirmed by the registry of the volume's own reference with the volume's
+own credentials (its secret, or none: the node's auth files): the pull itself fetched it with them,
+or the registry serves it there (a manifest: GET by digest, verified; a blob: the bytes of a random
+4 KiB slice, compared with the store's, so a registry that only claims to hold the blob cannot
+confirm it; see :meth:`~imagevol.sources.registry.RegistryClient.confirm`). The registry itself
+is asked, never a mirror. A refusal fails the publish (PERMISSION_DENIED, naming the digest of the
+volume's own manifest that was refused); pullPolicy never, which cannot ask, is refused unless the
+answer is cached. Positive answers are cached per (credential identity, registry/repository,
+digest) in ``R/csi/allowed/`` for ``PluginConfig.access_ttl`` seconds (wall clock, so a restart
+keeps them and their expiry); the identity is an HMAC of the secret under a random per-store key
+(``R/csi/identity.key``, 0600), and file names hash all three, so nothing on disk names a secret or
+can be tested against a guessed one without that key. Content pulled without a volume secret
+(anonymously, or with the node's credentials) is public and not marked: node-wide credentials
+serve every pod by design.
 
 Records. Each published volume has the store's volume record (target, manifest, lease) and a small
 CSI record (``R/csi/volumes/<hash of target>.json``: volume id and attributes). On start the plugin
@@ -59,9 +70,11 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets as _secrets
 import threading
 import time
 import uuid
@@ -73,10 +86,14 @@ from typing import Any
 
 from ..digest import Digest
 from ..errors import AuthError, ImagevolError, NotFoundError, StoreError
+from ..manifest import Descriptor
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
-from ..pull import ProgressEvent, PullResult, pull
-from ..sources.registry import RegistryOptions
+from ..pull import ProgressEvent, PullResult, plan_pull
+from ..reference import Reference, parse_any
+from ..select import Selection
+from ..sources.factory import open_source
+from ..sources.registry import RegistryOptions, RegistrySource
 from ..store import Store
 from ..unpack.applier import ApplyOptions
 from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume
@@ -91,6 +108,42 @@ FAILED_RESULT_TTL = 300.0
 """Seconds a failure nobody has been told about waits for the caller's retry."""
 MAX_CONCURRENT_PULLS = 4
 CSI_DIR = "csi"
+DEFAULT_ACCESS_TTL = 3600.0
+"""Seconds a registry's confirmation that credentials may read a private digest is reused."""
+SAMPLE_BYTES = 4096
+"""Size of the slice of a private blob a registry must serve to confirm it holds the blob."""
+
+
+@dataclass(frozen=True)
+class Used:
+    """One digest a volume uses: a manifest or index (``manifest``), or a blob."""
+
+    digest: Digest
+    manifest: bool
+    size: int
+
+
+def used_digests(sel: Selection) -> list[Used]:
+    """Every digest a volume of this selection uses: the root, each index walked, the manifest, its
+    config and layers (inline data and empty blobs, which hold nothing private, left out)."""
+    out: list[Used] = []
+    seen: set[str] = set()
+
+    def add(d: Descriptor, manifest: bool) -> None:
+        if d.data is not None or (not manifest and d.size == 0) or str(d.digest) in seen:
+            return
+        seen.add(str(d.digest))
+        out.append(Used(d.digest, manifest, d.size))
+
+    add(sel.root, True)
+    for step in sel.steps:
+        entry = next((e for e in step.entries if e.position == step.chosen), None) if step.chosen is not None else None
+        if entry is not None:
+            add(entry.descriptor, True)
+    add(sel.descriptor, True)
+    for d in (sel.manifest.config, *sel.manifest.layers):
+        add(d, False)
+    return out
 
 
 @dataclass
@@ -162,6 +215,7 @@ class PluginConfig:
     driver_name: str = DEFAULT_DRIVER_NAME
     platforms: list[Platform] = field(default_factory=list)
     options: RegistryOptions = field(default_factory=RegistryOptions)
+    access_ttl: float = DEFAULT_ACCESS_TTL  # seconds a registry's "these credentials may read it" holds
 
 
 MAX_WAIT = 365 * 86400.0
@@ -188,6 +242,14 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
     os.rename(tmp, path)
 
 
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(path.read_bytes())
@@ -210,9 +272,7 @@ class Publisher:
         self._start_mu = threading.Lock()
         self._started = False
         self._closing = False
-        # (root digest of private content, credentials key) pairs the registry was seen to allow.
-        self._verified: set[tuple[str, str]] = set()
-        self._secret_pulls = 0  # pulls with a volume's secret under way (under _mu)
+        self._identity_key: bytes | None = None
 
     # ---- paths
 
@@ -237,22 +297,115 @@ class Publisher:
     def _private_marker(self, digest: Digest) -> Path:
         return self._private_dir / f"{digest.algorithm}-{digest.hex}.json"
 
-    def _is_private(self, res: PullResult) -> bool:
-        return any(self._private_marker(d).exists() for d in (res.root_digest, res.digest))
+    def _is_private(self, digest: Digest) -> bool:
+        return self._private_marker(digest).exists()
 
-    def _must_check(self, res: PullResult, creds_key: str) -> bool:
-        """Whether content served from the store must be checked at the registry with these
-        credentials: it is private (or another volume's secret pull, which may be about to mark
-        it, is under way) and these credentials have not been seen to reach it."""
-        if not res.offline or (str(res.root_digest), creds_key) in self._verified:
-            return False
-        with self._mu:
-            others = self._secret_pulls - (1 if creds_key else 0)
-        return others > 0 or self._is_private(res)
+    def _mark_private(self, used: list[Used]) -> None:
+        for u in used:
+            marker = self._private_marker(u.digest)
+            if not marker.exists():
+                _write_json(marker, {"digest": str(u.digest), "manifest": u.manifest, "since": time.time()})
 
-    def _mark_private(self, res: PullResult) -> None:
-        for d in {res.root_digest, res.digest}:
-            _write_json(self._private_marker(d), {"digest": str(d), "reference": res.reference, "since": time.time()})
+    @property
+    def _allowed_dir(self) -> Path:
+        return self.store.root / CSI_DIR / "allowed"
+
+    def _identity(self, creds_key: str) -> str:
+        """Who asks, for the cache of registry answers: ``node`` (no volume secret: the node's
+        auth files), else an HMAC of the secret under the store's own random key."""
+        if not creds_key:
+            return "node"
+        if self._identity_key is None:
+            path = self.store.root / CSI_DIR / "identity.key"
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                key = path.read_bytes()
+            else:
+                key = _secrets.token_bytes(32)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(key)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if len(key) != 32:  # a torn write (a crash between create and write): a fresh key
+                key = _secrets.token_bytes(32)
+                _write_bytes_atomic(path, key)
+            self._identity_key = key
+        return hmac.new(self._identity_key, creds_key.encode(), "sha256").hexdigest()
+
+    def _allowed_path(self, identity: str, repo: str, digest: Digest) -> Path:
+        name = hashlib.sha256(f"{identity}\0{repo}\0{digest}".encode()).hexdigest()[:40]
+        return self._allowed_dir / f"{name}.json"
+
+    def _is_allowed(self, identity: str, repo: str, digest: Digest) -> bool:
+        doc = _read_json(self._allowed_path(identity, repo, digest))
+        expires = doc.get("expires") if doc else None
+        now = time.time()
+        # Also refused: an expiry further away than the TTL (a clock set back, a lower --access-ttl).
+        return isinstance(expires, int | float) and now < expires <= now + self.config.access_ttl
+
+    def _allow(self, identity: str, repo: str, digest: Digest) -> None:
+        if self.config.access_ttl > 0:
+            _write_json(self._allowed_path(identity, repo, digest), {"expires": time.time() + self.config.access_ttl})
+
+    def _sample(self, u: Used) -> tuple[int, bytes]:
+        n = min(u.size, SAMPLE_BYTES)
+        offset = _secrets.randbelow(u.size - n + 1)
+        with self.store.open_blob(u.digest) as f:
+            f.seek(offset)
+            return offset, f.read(n)
+
+    def _admit(
+        self, spec: VolumeSpec, res: PullResult, used: list[Used], proved: set[str], options: RegistryOptions,
+        creds_key: str,
+    ) -> None:  # fmt: skip
+        """Serve this pull's content to a volume with these credentials only if, for each private
+        digest it uses, the registry confirmed them (see the module docs); raises AuthError."""
+        private = [u for u in used if self._is_private(u.digest)]
+        if not private:
+            return
+        ref = parse_any(res.reference)
+        if not isinstance(ref, Reference):
+            raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
+        repo = ref.repository
+        identity = self._identity(creds_key)
+        source: RegistrySource | None = None
+        asked = 0
+        for u in private:
+            what = f"{'manifest' if u.manifest else 'blob'} {u.digest}"
+            if str(u.digest) in proved:  # fetched from the registry with these credentials just now
+                self._allow(identity, repo, u.digest)
+                continue
+            if self._is_allowed(identity, repo, u.digest):
+                continue
+            if spec.pull_policy == "never":
+                raise AuthError(
+                    f"{spec.image} uses {what}, which is in this node's store only because another volume's "
+                    "registry credentials pulled it; with pullPolicy never the plugin cannot check that this "
+                    "volume may read it",
+                    hint='use pullPolicy "missing": the registry is asked once with this volume\'s credentials '
+                    "(no download)",
+                    status=403,
+                )
+            if source is None:
+                src = open_source(ref, options=options)
+                if not isinstance(src, RegistrySource):
+                    raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
+                source = src
+            asked += 1
+            sample = (0, b"") if u.manifest else self._sample(u)
+            if not source.confirm(u.digest, manifest=u.manifest, sample=sample):
+                raise AuthError(
+                    f"{spec.image}: {ref.domain} does not confirm that this volume's credentials may read "
+                    f"{what} in {ref.path}; this node holds that content from another volume's registry "
+                    "credentials, and serves it only to volumes the registry lets read it",
+                    hint=f"the volume's credentials must be able to pull {repo}",
+                    status=403,
+                )
+            self._allow(identity, repo, u.digest)
+        if asked:
+            log.info("pull %s: the registry confirmed %d private digest(s) for this volume", spec.image, asked)
 
     # ---- lifecycle
 
@@ -290,6 +443,12 @@ class Publisher:
             except Exception:
                 gone = True
             if gone:  # reclaimed by gc: nothing left to protect
+                path.unlink(missing_ok=True)
+        now = time.time()
+        for path in sorted(self._allowed_dir.glob("*.json")) if self._allowed_dir.is_dir() else []:
+            doc = _read_json(path)
+            expires = doc.get("expires") if doc else None
+            if not isinstance(expires, int | float) or expires <= now:
                 path.unlink(missing_ok=True)
         self.metrics.volumes.set(kept)
         log.info("store %s ready: %d volume(s) published by this plugin", self.store.root, kept)
@@ -604,7 +763,15 @@ class Publisher:
                 sp.downloaded += ev.n
                 self.metrics.pull_bytes.inc(ev.n)
 
-        with self._pull_slots, self._counting_secret_pull(creds_key):
+        fetched: set[str] = set()  # blobs this pull downloaded (all of them: nothing found in the store)
+        found: set[str] = set()
+
+        def tracking(ev: ProgressEvent) -> None:
+            if ev.kind == "bytes" and ev.digest:
+                (found if ev.cached else fetched).add(ev.digest)
+            progress(ev)
+
+        with self._pull_slots:
             with self._mu:
                 # Every volume that wanted it was unpublished while it waited for a slot.
                 abandoned = bool(sp.jobs) and all(j.cancelled for j in sp.jobs)
@@ -620,40 +787,24 @@ class Publisher:
                 # As imagevol.mount does: content the pull found or fetched cannot be collected before
                 # the lease below holds it.
                 with store.lock("gc", shared=True):
-                    res = pull(
+                    plan = plan_pull(
                         spec.ref,
                         root=store,
                         platforms=list(spec.platforms),
                         policy=spec.policy,
                         pull_policy=spec.pull_policy,
                         options=options,
-                        progress=progress,
+                        progress=tracking,
                     )
-                    if self._must_check(res, creds_key):
-                        # Fetched with another volume's secret: may these credentials read it?
-                        if spec.pull_policy == "never":
-                            raise AuthError(
-                                f"{spec.image} is in this node's store only because another volume's registry "
-                                "credentials pulled it; with pullPolicy never the plugin cannot check that this "
-                                "volume may read it",
-                                hint='use pullPolicy "missing": the registry is asked once with this volume\'s '
-                                "credentials (no download)",
-                                status=403,
-                            )
-                        log.info("pull %s: content pulled with other credentials; asking the registry", spec.image)
-                        res = pull(
-                            spec.ref,
-                            root=store,
-                            platforms=list(spec.platforms),
-                            policy=spec.policy,
-                            pull_policy="always",
-                            options=options,
-                            progress=progress,
-                        )
-                    if not res.offline:  # the registry let these credentials have it
-                        if creds_key:
-                            self._mark_private(res)
-                        self._verified.update({(str(res.root_digest), creds_key), (str(res.digest), creds_key)})
+                    used = used_digests(plan.selection)
+                    if creds_key and plan.offline is None:
+                        # What this secret fetches first is private, marked before the fetch starts.
+                        self._mark_private([u for u in used if not store.has_blob(u.digest)])
+                    res = plan.run()
+                    proved: set[str] = set()
+                    if not res.offline:  # manifests were fetched (verified) from the registry just now
+                        proved = {str(u.digest) for u in used if u.manifest} | (fetched - found)
+                    self._admit(spec, res, used, proved, options, creds_key)
                     lease = f"csi-pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
                     store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
                 sp.lease = lease
@@ -682,19 +833,6 @@ class Publisher:
         if orphan:
             self._drop_lease(sp)
         sp.future.set_result(res)
-
-    @contextlib.contextmanager
-    def _counting_secret_pull(self, creds_key: str) -> Any:
-        if not creds_key:
-            yield
-            return
-        with self._mu:
-            self._secret_pulls += 1
-        try:
-            yield
-        finally:
-            with self._mu:
-                self._secret_pulls -= 1
 
     # ---- health
 

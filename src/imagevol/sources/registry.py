@@ -596,6 +596,41 @@ class RegistryClient:
             "GET", f"blobs/{digest}", headers=headers, stream=True, ok=(200, 206), what=f"blob {digest}"
         )
 
+    def confirm(self, digest: Digest, *, manifest: bool = False, sample: tuple[int, bytes] = (0, b"")) -> bool:
+        """Whether this repository serves `digest` to these credentials: True if it does, False if
+        the registry answers 401, 403 or 404, or serves other bytes.
+
+        A manifest is fetched by digest and verified (at most 4 MiB). A blob is asked for the
+        bytes `sample` = (offset, the bytes there): a ranged GET whose answer must equal them, so a
+        registry that does not hold the blob cannot confirm it, whatever a HEAD of it would claim.
+        Other failures (transport, 5xx after retries) raise.
+        """
+        try:
+            if manifest:
+                self.get_manifest(str(digest), expected=digest)
+                return True
+            offset, want = sample
+            if not want:
+                raise ValueError("confirm() of a blob needs a sample of its bytes")
+            r = self.open_blob(digest, offset, offset + len(want))
+            try:
+                skip = offset if r.status == 200 else 0  # the server ignored Range: the whole blob
+                while skip:
+                    chunk = r.read(min(skip, 1 << 20))
+                    if not chunk:
+                        return False
+                    skip -= len(chunk)
+                got = r.read(len(want))
+            finally:
+                r.release_conn()
+            return got == want
+        except (AuthError, NotFoundError, DigestMismatchError, ManifestError):
+            return False
+        except RegistryError as e:  # another refusal (416, 400, ...); 429 and 5xx are not answers
+            if e.status is not None and 400 <= e.status < 500 and e.status != 429:
+                return False
+            raise
+
 
 class _ResponseReader:
     """Adapts a urllib3 response to a closeable binary stream."""
@@ -702,6 +737,11 @@ class RegistrySource:
 
     def open_blob(self, desc: Descriptor, offset: int = 0) -> BinaryIO:
         return _ResponseReader(self.open_range(desc, offset, None))  # type: ignore[return-value]
+
+    def confirm(self, digest: Digest, *, manifest: bool = False, sample: tuple[int, bytes] = (0, b"")) -> bool:
+        """:meth:`RegistryClient.confirm` asked of the registry itself, never of a mirror (a mirror
+        or pull-through cache may hold what the registry would refuse these credentials)."""
+        return self.client.confirm(digest, manifest=manifest, sample=sample)
 
     def open_range(self, desc: Descriptor, start: int, end: int | None) -> urllib3.BaseHTTPResponse:
         """A streaming response for [start, end) of a blob; status 200 means the server ignored Range."""
