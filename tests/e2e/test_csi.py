@@ -684,6 +684,7 @@ def test_volume_stats(env: Env, content: Content, registry) -> None:
         ("", str(target), grpc.StatusCode.INVALID_ARGUMENT),
         ("csi-stats", "", grpc.StatusCode.INVALID_ARGUMENT),
         ("csi-stats", str(env.target("other")), grpc.StatusCode.NOT_FOUND),
+        ("csi-stats", "some/path", grpc.StatusCode.NOT_FOUND),  # what csi-sanity expects
         ("csi-other", str(target), grpc.StatusCode.NOT_FOUND),
     ]:
         assert rpc_error(stats, vid, path).code() == code, (vid, path)

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import wrappers_pb2
 
 from .. import __version__
-from ..errors import ImagevolError, UsageError
+from ..errors import ImagevolError, NotFoundError, UsageError
 from . import csi_pb2 as pb
 from . import csi_pb2_grpc as pb_grpc
 from .attrs import VolumeSpec, check_capability, parse_attributes
@@ -212,8 +212,10 @@ class NodeService(pb_grpc.NodeServicer):
         with _Rpc("NodeGetVolumeStats", request.volume_id).run(context):
             if not request.volume_id:
                 raise UsageError("volume_id is missing")
-            if not request.volume_path or not request.volume_path.startswith("/"):
-                raise UsageError(f"volume_path {request.volume_path!r} must be an absolute path")
+            if not request.volume_path:
+                raise UsageError("volume_path is missing")
+            if not request.volume_path.startswith("/"):  # csi-sanity expects NOT_FOUND here
+                raise NotFoundError(f"no volume is published at {request.volume_path!r} (not an absolute path)")
             st = self.publisher.volume_stats(request.volume_id, request.volume_path)
             unit = pb.VolumeUsage
             return pb.NodeGetVolumeStatsResponse(
