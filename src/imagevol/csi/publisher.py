@@ -78,7 +78,7 @@ import secrets as _secrets
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +110,8 @@ MAX_CONCURRENT_PULLS = 4
 CSI_DIR = "csi"
 DEFAULT_ACCESS_TTL = 3600.0
 """Seconds a registry's confirmation that credentials may read a private digest is reused."""
+CHECK_CONCURRENCY = 4
+"""Private digests of one publish confirmed at the registry at once."""
 SAMPLE_BYTES = 4096
 """Size of the slice of a private blob a registry must serve to confirm it holds the blob."""
 
@@ -370,42 +372,48 @@ class Publisher:
             raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
         repo = ref.repository
         identity = self._identity(creds_key)
-        source: RegistrySource | None = None
-        asked = 0
+        todo: list[Used] = []
         for u in private:
-            what = f"{'manifest' if u.manifest else 'blob'} {u.digest}"
             if str(u.digest) in proved:  # fetched from the registry with these credentials just now
                 self._allow(identity, repo, u.digest)
-                continue
-            if self._is_allowed(identity, repo, u.digest):
-                continue
-            if spec.pull_policy == "never":
-                raise AuthError(
-                    f"{spec.image} uses {what}, which is in this node's store only because another volume's "
-                    "registry credentials pulled it; with pullPolicy never the plugin cannot check that this "
-                    "volume may read it",
-                    hint='use pullPolicy "missing": the registry is asked once with this volume\'s credentials '
-                    "(no download)",
-                    status=403,
-                )
-            if source is None:
-                src = open_source(ref, options=options)
-                if not isinstance(src, RegistrySource):
-                    raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
-                source = src
-            asked += 1
-            sample = (0, b"") if u.manifest else self._sample(u)
-            if not source.confirm(u.digest, manifest=u.manifest, sample=sample):
+            elif not self._is_allowed(identity, repo, u.digest):
+                todo.append(u)
+        if not todo:
+            return
+        if spec.pull_policy == "never":
+            u = todo[0]
+            raise AuthError(
+                f"{spec.image} uses {'manifest' if u.manifest else 'blob'} {u.digest}, which is in this node's store "
+                "only because another volume's registry credentials pulled it; with pullPolicy never the plugin "
+                "cannot check that this volume may read it",
+                hint='use pullPolicy "missing": the registry is asked once with this volume\'s credentials '
+                "(no download)",
+                status=403,
+            )
+        source = open_source(ref, options=options)
+        if not isinstance(source, RegistrySource):
+            raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
+
+        def confirm(u: Used) -> bool:
+            return source.confirm(u.digest, manifest=u.manifest, sample=(0, b"") if u.manifest else self._sample(u))
+
+        answers = [confirm(todo[0])]  # alone first: it settles the auth (a token) the others reuse
+        if answers[0] and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=CHECK_CONCURRENCY, thread_name_prefix="csi-check") as pool:
+                answers += pool.map(confirm, todo[1:])
+        for u, ok in zip(todo, answers, strict=False):
+            if not ok:
                 raise AuthError(
                     f"{spec.image}: {ref.domain} does not confirm that this volume's credentials may read "
-                    f"{what} in {ref.path}; this node holds that content from another volume's registry "
-                    "credentials, and serves it only to volumes the registry lets read it",
+                    f"{'manifest' if u.manifest else 'blob'} {u.digest} in {ref.path}; this node holds that content "
+                    "from another volume's registry credentials, and serves it only to volumes the registry lets "
+                    "read it",
                     hint=f"the volume's credentials must be able to pull {repo}",
                     status=403,
                 )
+        for u in todo:
             self._allow(identity, repo, u.digest)
-        if asked:
-            log.info("pull %s: the registry confirmed %d private digest(s) for this volume", spec.image, asked)
+        log.info("pull %s: the registry confirmed %d private digest(s) for this volume", spec.image, len(todo))
 
     # ---- lifecycle
 
