@@ -1099,3 +1099,41 @@ def test_private_blobs_need_the_volumes_own_credentials(env: Env, basic_registry
     finally:
         px.stop()
         rogue.stop()
+
+
+@root_only
+def test_private_content_per_repository_with_tokens(env: Env, token_registry) -> None:
+    """Valid credentials are not enough: the registry must grant them the repository. With a
+    token registry that scopes access per repository, a second tenant's own (valid) credentials
+    get the first tenant's image only once the token server grants them that repository."""
+    ts = token_registry.token_server
+    p = env.plugin
+    img = _image(oci.Client(token_registry), "tenant-a", {"w.bin": os.urandom(64 << 10)})
+    ref = img.ref(token_registry.host)
+    alice = dict(zip(("username", "password"), next(iter(token_registry.users.items())), strict=True))
+    bob = {"username": "bob", "password": "bobs-password"}
+    granted: set[str] = set()
+
+    def grant(user: str | None, typ: str, name: str, actions: list[str]) -> list[str]:
+        if user == "bob":
+            return [a for a in actions if a == "pull"] if name in granted else []
+        return list(actions) if user is not None else []
+
+    saved = ts.grant
+    ts.users["bob"] = bob["password"]
+    ts.grant = grant
+    try:
+        ta = env.target("a")
+        p.node.NodePublishVolume(publish_request("csi-a", ta, {"image": ref}, secrets=alice), timeout=60)
+        tb = env.target("b")
+        err = rpc_error(p.node.NodePublishVolume, publish_request("csi-b", tb, {"image": ref}, secrets=bob), timeout=30)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
+        assert not tb.exists()
+        granted.add(img.repo)
+        p.node.NodePublishVolume(publish_request("csi-b", tb, {"image": ref}, secrets=bob), timeout=60)
+        assert files_under(tb) == img.files
+        unpublish(p, "csi-a", ta)
+        unpublish(p, "csi-b", tb)
+    finally:
+        ts.grant = saved
+        ts.users.pop("bob", None)
