@@ -1058,11 +1058,15 @@ def test_private_blobs_need_the_volumes_own_credentials(env: Env, basic_registry
             assert layer["digest"] in details and "does not confirm" in details
             assert img.repo not in details and px.host not in details  # nothing of A's but the digest
         assert ("GET", f"/v2/b/model/blobs/{layer['digest']}") in rogue.requests  # B's registry was asked
+        # The refused pull leaves no reference behind (gc can reclaim B's manifest).
+        wait_for("B's reference forgotten", lambda: not any("b/model" in i["reference"] for i in env.cli.images()))
         assert not px.requests  # A's registry is not B's business
         # A registry that claims the blob but serves other bytes does not confirm it either.
         rogue.blob("b/model", layer["digest"], os.urandom(layer["size"]))
         refused({"image": f"{rogue.host}/b/model:v1"})
-        refused({"image": f"{rogue.host}/b/model:v1", "pullPolicy": "Never"})
+        # By digest (B's manifest is in the store): pullPolicy never cannot ask, and is refused.
+        details = refused({"image": f"{rogue.host}/b/model@{oci.sha256_digest(body)}", "pullPolicy": "Never"})
+        assert "pullPolicy" in details
         # Other valid credentials for A's repository (a dockerconfigjson secret: another identity).
         auth = __import__("base64").b64encode(f"{user}:{password}".encode()).decode()
         other = {".dockerconfigjson": json.dumps({"auths": {px.host: {"auth": auth}}})}

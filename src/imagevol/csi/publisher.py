@@ -676,13 +676,14 @@ class Publisher:
                     if self._jobs.get((job.volume_id, job.target)) is job:
                         del self._jobs[(job.volume_id, job.target)]
             job.future.set_exception(error)
-            if res is not None:
-                # The pull may have made the plugin's reference, and no volume holds it: forget it
-                # (if nothing else uses it), or gc could never reclaim the content.
+            if res is not None or shared is not None:
+                # The pull may have made the plugin's reference (also when its content was then refused
+                # to this volume), and no volume holds it: forget it (if nothing else uses it), or gc
+                # could never reclaim the content.
                 try:
-                    self._forget_ref_if_unused(res.reference)
+                    self._forget_ref_if_unused(res.reference if res is not None else job.spec.ref_key)
                 except Exception as e:
-                    log.warning("cannot release %s after the failed publish: %s", res.reference, e)
+                    log.warning("cannot release %s after the failed publish: %s", job.spec.image, e)
             return
         with self._mu:
             if self._jobs.get((job.volume_id, job.target)) is job:
@@ -809,6 +810,9 @@ class Publisher:
                         # What this secret fetches first is private, marked before the fetch starts.
                         self._mark_private([u for u in used if not store.has_blob(u.digest)])
                     res = plan.run()
+                    if not existed and store.meta.get_ref(res.reference) is not None:
+                        # The plugin's reference (forgotten with its last volume, or at once if refused).
+                        _write_json(self._ref_marker(res.reference), {"ref": res.reference, "since": time.time()})
                     proved: set[str] = set()
                     if not res.offline:  # manifests were fetched (verified) from the registry just now
                         proved = {str(u.digest) for u in used if u.manifest} | (fetched - found)
@@ -816,8 +820,6 @@ class Publisher:
                     lease = f"csi-pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
                     store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
                 sp.lease = lease
-                if not existed and store.meta.get_ref(res.reference) is not None:
-                    _write_json(self._ref_marker(res.reference), {"ref": res.reference, "since": time.time()})
                 for w in res.warnings:
                     log.warning("pull %s: %s", spec.image, w)
                 self.metrics.pulls.labels("success").inc()
