@@ -328,3 +328,55 @@ def test_failed_jobs_nobody_collects_are_dropped(tmp_path: Path, monkeypatch: py
     pub._jobs[("vol-c", pubmod.canonical_target(t3))].future.exception(timeout=30)  # no thread left running
     assert not pub._pulls
     assert not t1.exists() and not t2.exists() and not t3.exists()
+
+
+def test_access_answers_on_disk_name_no_secret_and_expire(tmp_path: Path) -> None:
+    """The cache of registry answers (KEP-2535) persists per (identity, repository, digest) with a
+    wall-clock expiry; an expiry beyond the TTL (a clock set back, a lower --access-ttl) is not
+    trusted; identities are HMACs under a per-store key (0600), so neither the secret nor its plain
+    hash is written anywhere."""
+    import hashlib
+    import os
+    import stat as stat_mod
+
+    from imagevol.csi import publisher as pubmod
+    from imagevol.digest import Digest
+
+    root = tmp_path / "store"
+    pub = pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE, access_ttl=60))
+    pub.start()
+    secret = {"username": "alice", "password": "correct horse battery staple"}
+    key = pub._creds_key(secret)
+    ident = pub._identity(key)
+    assert ident not in ("node", key) and pub._identity("") == "node"
+    d = Digest("sha256:" + "ab" * 32)
+    repo = "registry.example.com/corp/secret-model"
+    assert not pub._is_allowed(ident, repo, d)
+    pub._allow(ident, repo, d)
+    assert pub._is_allowed(ident, repo, d)
+    assert not pub._is_allowed(ident, "registry.example.com/other", d)
+    assert not pub._is_allowed(pub._identity(pub._creds_key({**secret, "password": "x"})), repo, d)
+    # Another process on the same store (a restart): same key, same answer.
+    again = pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE, access_ttl=60))
+    again.start()
+    assert again._identity(key) == ident and again._is_allowed(ident, repo, d)
+    # A lower TTL than the answer was written with: not trusted.
+    shorter = pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE, access_ttl=10))
+    assert not shorter._is_allowed(ident, repo, d)
+    # Expired answers are removed at start.
+    path = pub._allowed_path(ident, repo, d)
+    path.write_text('{"expires": 1}')
+    assert not pub._is_allowed(ident, repo, d)
+    pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE)).start()
+    assert not path.exists()
+    keyfile = root / "csi" / "identity.key"
+    assert stat_mod.S_IMODE(keyfile.stat().st_mode) == 0o600
+    needles = [
+        secret["password"].encode(),
+        key.encode(),
+        hashlib.sha256(secret["password"].encode()).hexdigest().encode(),
+    ]
+    for dirpath, _, names in os.walk(root / "csi"):
+        for n in names:
+            data = (Path(dirpath) / n).read_bytes() + n.encode()
+            assert not any(x in data for x in needles), n
