@@ -51,6 +51,7 @@ type cases struct {
 	Normalize  []ocispec.Platform `json:"platformNormalize"`
 	Match      []platformCase     `json:"platformMatch"`
 	Layouts    []layoutCase       `json:"layouts"`
+	Blobs      map[string][]byte  `json:"blobs"` // digest -> content (base64 in JSON), for every layout
 }
 
 type refAnswer struct {
@@ -412,7 +413,7 @@ func main() {
 		out.Match = append(out.Match, a)
 	}
 	for _, l := range in.Layouts {
-		b := blobs(l.Blobs)
+		b := blobs(in.Blobs)
 		la := layoutAnswer{Name: l.Name}
 		for _, node := range l.Nodes {
 			na := nodeAnswer{Node: node}

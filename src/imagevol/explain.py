@@ -18,7 +18,15 @@ from .errors import ImagevolError, NoMatchError
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest, flavour, parse_config
 from .platform import Platform
 from .reference import Reference, runtime_reference
-from .select import MAX_DEPTH, CrioNestedIndexError, IndexStep, Selection, Selector, platforms_in
+from .select import (
+    MAX_DEPTH,
+    CrioNestedIndexError,
+    CrioUnusableEntryError,
+    IndexStep,
+    Selection,
+    Selector,
+    platforms_in,
+)
 from .sources.base import Source
 
 RUNTIMES = ("imagevol", "crio", "containerd")
@@ -216,13 +224,15 @@ def predict(
     except NoMatchError as e:
         steps = e.trace if isinstance(e.trace, list) else []
         return Outcome(runtime, node, policy, False, "no match", error=e.message, hint=e.hint, exit_code=3, steps=steps)
-    except CrioNestedIndexError as e:
+    except CrioUnusableEntryError as e:
         return Outcome(
             runtime,
             node,
             policy,
             False,
-            "fails: the chosen entry is a nested index",
+            "fails: the chosen entry is a nested index"
+            if isinstance(e, CrioNestedIndexError)
+            else "fails: the chosen entry is not a manifest",
             error=e.message,
             hint=e.hint,
             exit_code=e.exit_code,

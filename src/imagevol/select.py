@@ -394,7 +394,18 @@ class Selector:
         d = v.descriptor
         if mt.is_index(d.media_type):
             step.reason = f"entry {v.position} is chosen, and it is itself an index"
-            raise CrioNestedIndexError(crio_pull_error(self.source, NESTED_IMAGE_ERROR, NESTED_ARTIFACT_ERROR), steps)
+            raise CrioNestedIndexError(
+                crio_pull_error(self.source, NESTED_IMAGE_ERROR, NESTED_ARTIFACT_ERROR), steps, d
+            )
+        if not mt.is_manifest(d.media_type):
+            step.reason = f"entry {v.position} is chosen, and its media type is not a manifest's"
+            raise CrioUnusableEntryError(
+                f"CRI-O 1.34 chooses entry {v.position} ({d.digest}) of {root.digest}, whose media type "
+                f"{d.media_type} is neither an image nor an artifact manifest: the pull fails",
+                "containers/image chooses by platform only; give the entry another platform or remove it",
+                steps,
+                d,
+            )
         man = self.source.manifest(d)
         if not isinstance(man, Manifest):
             raise ManifestError(f"entry {v.position} of {root.digest} is not a manifest")
@@ -532,17 +543,27 @@ def crio_pull_error(source: Source, image_err: str, artifact_err: str) -> str:
     return f"unable to pull image or OCI artifact: pull image err: {image_err}; artifact err: {artifact_err}"
 
 
-class CrioNestedIndexError(ManifestError):
+class CrioUnusableEntryError(ManifestError):
+    """CRI-O 1.34 chose an index entry it cannot pull (`descriptor`)."""
+
+    def __init__(self, message: str, hint: str, trace: list[IndexStep], descriptor: Descriptor) -> None:
+        super().__init__(message, hint)
+        self.trace = trace
+        self.descriptor = descriptor
+
+
+class CrioNestedIndexError(CrioUnusableEntryError):
     """CRI-O 1.34 chose an index entry that is itself an index: neither its image nor its artifact path
     can mount it."""
 
-    def __init__(self, message: str, trace: list[IndexStep]) -> None:
+    def __init__(self, message: str, trace: list[IndexStep], descriptor: Descriptor) -> None:
         super().__init__(
             message,
             "imagevol descends into nested indexes (its own resolution); for CRI-O, point the reference at the "
             "inner index or flatten the index",
+            trace,
+            descriptor,
         )
-        self.trace = trace
 
 
 def all_entries(index: Index) -> list[tuple[int, Descriptor]]:
