@@ -349,6 +349,19 @@ def _runtime_references(source: Source) -> dict[str, Any] | None:
     return out
 
 
+def runtimes_accept_hint(ref: str, error: ImagevolError) -> str | None:
+    """The hint for a reference imagevol refuses: plus what CRI-O and containerd do with it."""
+    from .errors import InvalidReferenceError
+
+    if not isinstance(error, InvalidReferenceError) or ref.startswith("oci:"):
+        return error.hint
+    rt = runtime_reference(ref[len("docker://") :] if ref.startswith("docker://") else ref)
+    if rt.error is not None:
+        return error.hint
+    said = f"CRI-O 1.34 and containerd 2.1 accept it (as {rt.docker_ref}); imagevol is stricter for its own pulls"
+    return f"{error.hint}; {said}" if error.hint else said
+
+
 def render_explain(ref: str, result: dict[str, Any], *, verbose: bool = False) -> str:
     lines = [f"{ref}  {short_type(result['mediaType'])} {result['digest'][:19]}"]
     if result["platforms"] is not None:
