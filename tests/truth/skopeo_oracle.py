@@ -83,7 +83,8 @@ def run(skopeo: str = "skopeo") -> dict[str, Any]:
                     got["digest"] = m.group(1)
                 else:
                     f = _FATAL.search(p.stderr)
-                    got["error"] = f.group(1) if f else p.stderr.strip().splitlines()[-1:]
+                    text = f.group(1).replace('\\"', '"') if f else "\n".join(p.stderr.strip().splitlines()[-1:])
+                    got["error"] = text.replace(src, "SRC")
                 nodes.append(got)
             out["layouts"].append({"name": case["name"], "nodes": nodes})
     return out

@@ -10,18 +10,22 @@ Every test collects all disagreements and expects none.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imagevol import mediatypes as mt
 from imagevol.errors import ImagevolError, InvalidPlatformError, NoMatchError
 from imagevol.platform import ContainerdMatcher, Platform, normalize, parse_platform_containerd21
 from imagevol.reference import parse_any, runtime_reference
 from imagevol.select import CrioNestedIndexError, CrioUnusableEntryError, Selector
 from imagevol.sources.layout import LayoutSource
 from tests.truth.cases import load
+from tests.truth.skopeo_oracle import SKOPEO
 
 CASES, ANSWERS = load()
 
@@ -157,3 +161,51 @@ def test_containerd_selection_agrees_with_containerd21(truth_layout: Path) -> No
 
 def test_crio_selection_agrees_with_containers_image(truth_layout: Path) -> None:
     assert _layout_runs(truth_layout, "crio") == []
+
+
+# --- the second oracle: Debian's skopeo 1.9 --------------------------------------------------------
+# skopeo 1.9 links an older containers/image than CRI-O 1.34 (v5.36). Where they differ:
+SKOPEO_19_DIFFERS = {
+    "zstd": "no preference for an instance annotated io.github.containers.compression.zstd: the first of "
+    "equal rank is taken (v5.36 takes the zstd one; CRI-O never sets PreferGzipInstances)",
+    "wording": 'the no-match error prints architecture and OS unquoted (`architecture arm, variant "v6", OS '
+    "linux`; v5.36: %q for all three)",
+}
+
+
+def _skopeo_wording(inner: str) -> str:
+    return re.sub(r'architecture "(.*?)", variant "(.*?)", OS "(.*?)"', r'architecture \1, variant "\2", OS \3', inner)
+
+
+def test_skopeo_oracle_agrees_with_crio_truth_except_listed_differences() -> None:
+    """tests/truth/skopeo.json.gz (python -m tests.truth.skopeo_oracle): which instance skopeo copies."""
+    with gzip.open(SKOPEO, "rt") as f:
+        oracle = json.load(f)
+    assert oracle["generator"].startswith("skopeo version 1.9")
+    truth = {x["name"]: x for x in ANSWERS["layouts"]}
+    cases = {x["name"]: x for x in CASES["layouts"]}
+    seen: set[str] = set()
+    bad = []
+    compared = 0
+    for layout in oracle["layouts"]:
+        index = json.loads(base64.b64decode(CASES["blobs"][cases[layout["name"]]["root"]["digest"]]))
+        entries = {e["digest"]: e for e in index["manifests"]}
+        for got, node_ans in zip(layout["nodes"], truth[layout["name"]]["nodes"], strict=True):
+            compared += 1
+            want = node_ans["crio"]
+            if "error" in want:
+                if got.get("error") == "choosing an image from manifest list SRC: " + _skopeo_wording(want["error"]):
+                    seen.add("wording")
+                    continue
+            elif got.get("digest") == want["digest"]:
+                continue
+            elif "digest" in got:
+                mine, theirs = entries[got["digest"]], entries[want["digest"]]
+                zstd = theirs.get("annotations", {}).get(mt.ANN_ZSTD_INSTANCE) == "true"
+                if zstd and mine.get("platform") == theirs.get("platform") and "annotations" not in mine:
+                    seen.add("zstd")
+                    continue
+            bad.append((layout["name"], got, want))
+    assert bad == []
+    assert compared > 4000
+    assert seen == set(SKOPEO_19_DIFFERS)
