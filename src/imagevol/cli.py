@@ -228,7 +228,12 @@ def explain(
     from .sources.factory import open_source
 
     nodes = parse_nodes(platforms, list(DEFAULT_NODES))
-    source = open_source(ref, options=make_options(kw))
+    try:
+        source = open_source(ref, options=make_options(kw))
+    except ImagevolError as e:
+        from .explain import runtimes_accept_hint
+
+        raise type(e)(e.message, runtimes_accept_hint(ref, e)) from None
     result = do_explain(source, nodes, list(runtimes) or list(RUNTIMES), platform_policy)
     if as_json:
         click.echo(json.dumps({"reference": ref, **outcome_json(result)}, indent=2))

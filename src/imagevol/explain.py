@@ -1,8 +1,10 @@
 """`inspect` (the descriptor tree) and `explain` (what each runtime would mount on each node, and why).
 
-Runtime predictions model CRI-O 1.34 (containers/image platform choice, its image/artifact rule and
-artifact mounts) and containerd 2.1 (platforms.Only, config-platform matching for platform-less
-entries, image volumes only for runnable images: containerd#11907).
+Runtime predictions model CRI-O 1.34 (containers/image v5.36 instance choice, image copy first and
+the artifact path only when it fails, artifact mounts, its error texts) and containerd 2.1
+(containerd/platforms v1.0.0-rc.2 `Only`, `images.Manifest`: first candidate only, config-platform
+matching for a platform-less entry, image volumes only for runnable images: containerd#11907). The
+differential suite (tests/unit/test_differential.py) checks them against the runtimes' Go code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from . import mediatypes as mt
 from .errors import ImagevolError, NoMatchError
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest, flavour, parse_config
 from .platform import Platform
-from .select import MAX_DEPTH, IndexStep, Selection, Selector, platforms_in
+from .reference import Reference, runtime_reference
+from .select import (
+    MAX_DEPTH,
+    CrioNestedIndexError,
+    CrioUnusableEntryError,
+    IndexStep,
+    Selection,
+    Selector,
+    platforms_in,
+)
 from .sources.base import Source
 
 RUNTIMES = ("imagevol", "crio", "containerd")
@@ -186,15 +197,20 @@ def _crio_artifact(m: Manifest) -> tuple[bool, str, list[str]]:
     skipped = len(m.layers) - len(titled)
     notes = []
     if skipped:
+        untitled_tars = [x for x in m.layers if not x.title and mt.layer_compression(x.media_type) is not None]
         notes.append(f"{skipped} layer(s) without org.opencontainers.image.title or model filepath are skipped")
+        if untitled_tars:
+            notes.append(
+                f"{len(untitled_tars)} untitled tar-typed layer(s): imagevol extracts them at the volume root, "
+                "CRI-O skips them"
+            )
     if not titled:
         return True, "mounts an EMPTY artifact volume (no layer has a title)", notes
     tars = [x for x in titled if mt.layer_compression(x.media_type) is not None]
     s = f"mounts as artifact: {len(titled)} file(s) at their titles"
     if tars:
         notes.append(
-            f"{len(tars)} layer(s) typed tar: CRI-O >= 1.34 extracts them (raw files mislabelled as "
-            "tar, as ORAS does, may not mount there)"
+            f"{len(tars)} titled layer(s) typed tar: CRI-O mounts each as one file at its title, not extracted"
         )
     return True, s, notes
 
@@ -208,6 +224,20 @@ def predict(
     except NoMatchError as e:
         steps = e.trace if isinstance(e.trace, list) else []
         return Outcome(runtime, node, policy, False, "no match", error=e.message, hint=e.hint, exit_code=3, steps=steps)
+    except CrioUnusableEntryError as e:
+        return Outcome(
+            runtime,
+            node,
+            policy,
+            False,
+            "fails: the chosen entry is a nested index"
+            if isinstance(e, CrioNestedIndexError)
+            else "fails: the chosen entry is not a manifest",
+            error=e.message,
+            hint=e.hint,
+            exit_code=e.exit_code,
+            steps=e.trace,
+        )
     except ImagevolError as e:
         return Outcome(runtime, node, policy, False, "error", error=e.message, hint=e.hint, exit_code=e.exit_code)
     m = sel.manifest
@@ -215,11 +245,24 @@ def predict(
     notes = list(sel.warnings)
     if runtime != "imagevol" and len(node) > 1:
         notes.append(f"{runtime} has no preference list: only the node's own platform {node[0]} counts")
+    if runtime == "containerd" and node[0].os_features:
+        notes.append("containerd 2.1 (containerd/platforms v1.0.0-rc.2) ignores os.features")
     if runtime == "imagevol":
+        if len(sel.steps) > 1 and sel.how != "fallback":
+            notes.append(
+                "descended through a nested index (imagevol's own resolution; CRI-O 1.34 cannot mount "
+                "an index whose chosen entry is an index)"
+            )
         return Outcome(runtime, node, policy, True, f"mounts {where}: {_content_summary(m)}", sel, notes=notes)
     if runtime == "crio":
-        if m.is_image:
-            return Outcome(runtime, node, policy, True, f"mounts {where}: {_content_summary(m)}", sel, notes=notes)
+        if mt.crio_pulls_as_image(m.media_type, m.config.media_type):
+            if m.artifact_type:
+                notes.append(
+                    f"artifactType {m.artifact_type} is set, but CRI-O's image copy succeeds first: it mounts the image"
+                )
+            return Outcome(
+                runtime, node, policy, True, f"mounts {where}: {_content_summary_as_image(m)}", sel, notes=notes
+            )
         ok, s, more = _crio_artifact(m)
         return Outcome(runtime, node, policy, ok, f"{s} ({where})", sel, notes=notes + more)
     # containerd: image volumes need a runnable image.
@@ -247,6 +290,11 @@ def predict(
     return Outcome(runtime, node, policy, True, f"mounts {where}: {_content_summary(m)}", sel, notes=notes)
 
 
+def _content_summary_as_image(m: Manifest) -> str:
+    n = len(m.layers)
+    return f"image, {n} layer{'s' if n != 1 else ''}, {human_size(m.total_size)}"
+
+
 def _where(sel: Selection) -> str:
     if sel.how == "direct":
         return f"manifest {sel.descriptor.digest.short}"
@@ -270,6 +318,7 @@ def explain(
         "digest": str(root.digest),
         "mediaType": doc.media_type,
         "platforms": platforms_in(doc) if isinstance(doc, Index) else None,
+        "references": _runtime_references(source),
         "nodes": [],
     }
     for node in nodes:
@@ -278,10 +327,47 @@ def explain(
     return out
 
 
+def _runtime_references(source: Source) -> dict[str, Any] | None:
+    """How the runtimes name the reference (distribution/reference, as they link it), where it differs
+    from imagevol's own normalization."""
+    ref = getattr(source, "ref", None)
+    if not isinstance(ref, Reference):
+        return None
+    rt = runtime_reference(str(ref))
+    out: dict[str, Any] = {"imagevol": str(ref), **rt.to_dict()}
+    notes = []
+    if rt.error is not None:
+        notes.append(f"CRI-O and containerd refuse this reference: {rt.error}")
+    else:
+        if rt.docker_ref != str(ref):
+            notes.append(
+                f"containerd's CRI pulls {rt.docker_ref} (ParseDockerRef drops the tag when a digest is given)"
+            )
+        if rt.familiar != ref.familiar():
+            notes.append(f"the runtimes print it as {rt.familiar} (FamiliarString)")
+    out["notes"] = notes
+    return out
+
+
+def runtimes_accept_hint(ref: str, error: ImagevolError) -> str | None:
+    """The hint for a reference imagevol refuses: plus what CRI-O and containerd do with it."""
+    from .errors import InvalidReferenceError
+
+    if not isinstance(error, InvalidReferenceError) or ref.startswith("oci:"):
+        return error.hint
+    rt = runtime_reference(ref[len("docker://") :] if ref.startswith("docker://") else ref)
+    if rt.error is not None:
+        return error.hint
+    said = f"CRI-O 1.34 and containerd 2.1 accept it (as {rt.docker_ref}); imagevol is stricter for its own pulls"
+    return f"{error.hint}; {said}" if error.hint else said
+
+
 def render_explain(ref: str, result: dict[str, Any], *, verbose: bool = False) -> str:
     lines = [f"{ref}  {short_type(result['mediaType'])} {result['digest'][:19]}"]
     if result["platforms"] is not None:
         lines.append("  entries: " + ", ".join(f"[{i}] {p}" for i, p in enumerate(result["platforms"])))
+    for note in (result.get("references") or {}).get("notes", []):
+        lines.append(f"  reference: {note}")
     for n in result["nodes"]:
         outcomes: list[Outcome] = n["outcomes"]
         policy = outcomes[0].policy if outcomes else "native"

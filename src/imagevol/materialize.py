@@ -16,8 +16,11 @@ How a manifest becomes files depends on its flavour (:func:`imagevol.manifest.fl
     (DigestMismatchError otherwise; the snapshot is discarded).
 ``artifact`` (OCI / ORAS)
     One file per layer at its title (``org.opencontainers.image.title``, else
-    ``org.cncf.model.filepath``, else ``org.cnai.model.filepath``). Untitled layers are skipped with
-    a warning, as CRI-O does, or named by their digest hex with ``name_untitled="digest"``. Raw files
+    ``org.cncf.model.filepath``, else ``org.cnai.model.filepath``). Untitled layers typed tar /
+    tar+gzip / tar+zstd (that are tars) are extracted at the volume root, where an image layer would
+    go (CRI-O skips them); other untitled layers are skipped with a warning, as CRI-O does, or named
+    by their digest hex with ``name_untitled="digest"``. If every layer is skipped, the mount fails
+    (ContentRefusedError) instead of giving an empty volume. Raw files
     are HARD LINKS to the verified blob (zero copies; blobs are 0o444, so the file is read-only);
     across filesystems they are copied. Layers typed tar / tar+gzip / tar+zstd, or annotated
     ``io.deis.oras.content.unpack: "true"``, are extracted as the directory named by their title
@@ -219,6 +222,10 @@ def snapshot_key(manifest: Manifest, options: MaterializeOptions | None = None) 
     tweaks: dict[str, Any] = {}
     if opts.name_untitled != "skip" and _untitled_layers(manifest, fl):
         tweaks["untitled"] = opts.name_untitled
+    elif fl == "artifact" and any(
+        _layer_path(x, fl) is None and mt.layer_compression(x.media_type) is not None for x in manifest.layers
+    ):
+        tweaks["untitled-tar"] = "root"  # extracted at the root since issue 14 (skipped before)
     if opts.apply is not None:
         given = _apply_fields(opts.apply)
         if given != _apply_fields(ApplyOptions()):
@@ -818,7 +825,36 @@ class _Builder:
 
     def artifact(self) -> None:
         for i, layer in enumerate(self.m.layers):
-            self.generic(i, layer, _layer_path(layer, "artifact"))
+            path = _layer_path(layer, "artifact")
+            if path is None and self.opts.name_untitled == "skip" and self.untitled_tar(i, layer):
+                continue
+            self.generic(i, layer, path)
+        if self.m.layers and all(self.contents.get(str(x.digest)) is None for x in self.m.layers):
+            raise ContentRefusedError(
+                f"artifact {self.m.digest.short}: every layer was skipped ({len(self.m.layers)} without "
+                "org.opencontainers.image.title, none of them a tar): the volume would be empty",
+                hint="annotate each layer with org.opencontainers.image.title, or mount with --name-untitled "
+                "digest to name the files by their digests",
+            )
+
+    def untitled_tar(self, i: int, layer: Descriptor) -> bool:
+        """An untitled tar / tar+gzip / tar+zstd artifact layer is extracted at the volume root, where
+        an image layer would go (CRI-O skips it). False when it is not tar-typed or not a tar."""
+        comp = mt.layer_compression(layer.media_type)
+        if comp is None:
+            return False
+        is_tar, _first = self.probe_tar(layer, comp)
+        if not is_tar:
+            return False
+        what = self._what(i, layer)
+        fd = self._open_dir([], what)
+        try:
+            self.apply(layer, fd, comp, self.artifact_opts, what)
+        finally:
+            os.close(fd)
+        self.warn(f"{what} has no title annotation: a tar, extracted at the volume root (CRI-O skips it)")
+        self.contents[str(layer.digest)] = "/"
+        return True
 
     def _metadata_mode(self, layer: Descriptor, what: str) -> int | None:
         """The read-only mode a raw ModelPack file should have, or None when 0o444 (a hard link)."""

@@ -50,6 +50,8 @@ ANN_CNCF_FILEPATH = "org.cncf.model.filepath"
 ANN_CNAI_FILEPATH = "org.cnai.model.filepath"
 ANN_CNCF_FILE_METADATA = "org.cncf.model.file.metadata+json"
 ANN_ORAS_UNPACK = "io.deis.oras.content.unpack"
+# containers/image marks the zstd twin of a gzip instance in an index (preferred unless PreferGzipInstances).
+ANN_ZSTD_INSTANCE = "io.github.containers.compression.zstd"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 ANN_CREATED = "org.opencontainers.image.created"
 # imagevol's own: a tar layer of an artifact whose entries are relative to the volume root (the
@@ -106,6 +108,13 @@ def is_image(manifest_media_type: str, config_media_type: str, artifact_type: st
         and config_media_type in ("", OCI_CONFIG, DOCKER_CONFIG)
         and not artifact_type
     )
+
+
+def crio_pulls_as_image(manifest_media_type: str, config_media_type: str) -> bool:
+    """CRI-O 1.34 copies an image first (containers/image: an OCI/Docker manifest whose config is an image
+    config); only when that fails does it try an OCI artifact. So `artifactType` does not matter here,
+    unlike in :func:`is_image` (the artifact path's own rule, and imagevol's)."""
+    return manifest_media_type in MANIFEST_TYPES and config_media_type in ("", OCI_CONFIG, DOCKER_CONFIG)
 
 
 def effective_artifact_type(artifact_type: str | None, config_media_type: str) -> str:

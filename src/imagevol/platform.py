@@ -7,8 +7,10 @@ Everything here re-implements, in Python, the behaviour of the two runtimes an i
   follow ``Format`` / ``FormatAll``, and :class:`ContainerdMatcher` follows ``Only`` (or
   ``OnlyStrict``): a priority vector (amd64/vN -> vN..v1 then 386; arm64/v8.x, v9.x -> lower
   arm64 variants then arm/v8..v5; arm/vN -> vN..v5), every candidate normalized before it is
-  compared, Windows ``os.version`` checked with the LTSC compatibility rule, ``os.features`` of a
-  candidate required to be a subset of the wanted ones.
+  compared, Windows ``os.version`` checked with the LTSC compatibility rule; ``os.features`` are
+  ignored as containerd 2.1's containerd/platforms v1.0.0-rc.2 does (``rules="main"``: a candidate's
+  features must be a subset of the wanted ones). :func:`parse_platform_containerd21` is rc.2's
+  ``Parse`` (no ``+features``, no percent-escapes).
 * CRI-O (`containers/image`, ``internal/pkg/platform``): :class:`CrioMatcher` follows
   ``WantedPlatforms`` + ``MatchesPlatform``: a list of wanted platforms (arm: v8, v7, v6, v5;
   arm64: v8; a wanted variant walks down the list and then ""), compared by exact string
@@ -39,6 +41,7 @@ __all__ = [
     "normalize",
     "ordered_rank",
     "parse_platform",
+    "parse_platform_containerd21",
     "parse_platform_list",
     "wanted_platforms",
 ]
@@ -334,6 +337,64 @@ def parse_platform(spec: str) -> Platform:
     if arch == "arm64" and variant == "":
         variant = "v8"
     return Platform(os_name, arch, variant, os_version, features)
+
+
+_RC2_OS_RE = re.compile(r"([A-Za-z0-9_-]+)(?:\(([A-Za-z0-9_.-]*)\))?", re.ASCII)
+_RC2_SPECIFIER_RE = re.compile(r"[A-Za-z0-9_.-]+", re.ASCII)
+# The patterns as Go's %q prints them in rc.2's errors.
+_RC2_OS_PATTERN = r'"^([A-Za-z0-9_-]+)(?:\\(([A-Za-z0-9_.-]*)\\))?$"'
+_RC2_SPECIFIER_PATTERN = r'"^[A-Za-z0-9_.-]+$"'
+
+
+def _go_quote(s: str) -> str:
+    """Go's %q for printable ASCII text (the only text the truth tables quote)."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_platform_containerd21(spec: str, *, host_os: str = "linux", host_arch: str = "amd64") -> Platform:
+    """containerd/platforms v1.0.0-rc.2 ``Parse`` (containerd 2.1), on a host of `host_os`/`host_arch`.
+
+    Unlike :func:`parse_platform` (containerd's main branch) the OS takes only ``(os.version)``:
+    ``windows(10.0.17763+win32k)/amd64`` is refused and nothing is percent-decoded. Errors carry
+    the Go error text.
+    """
+    if "*" in spec:
+        raise InvalidPlatformError(f"{_go_quote(spec)}: wildcards not yet supported: invalid argument")
+    parts = spec.split("/", 3)
+    m = _RC2_OS_RE.fullmatch(parts[0])
+    if m is None:
+        raise InvalidPlatformError(
+            f"{_go_quote(parts[0])} is an invalid OS component of {_go_quote(spec)}: OSAndVersion specifier "
+            f"component must match {_RC2_OS_PATTERN}: invalid argument"
+        )
+    os_name = host_os if not m.group(1) else _normalize_os(m.group(1))
+    os_version = m.group(2) or ""
+    for part in parts[1:]:
+        if not _RC2_SPECIFIER_RE.fullmatch(part):
+            raise InvalidPlatformError(
+                f"{_go_quote(part)} is an invalid component of {_go_quote(spec)}: platform specifier component "
+                f"must match {_RC2_SPECIFIER_PATTERN}: invalid argument"
+            )
+    if len(parts) == 1:
+        if os_name in _KNOWN_OS:
+            return Platform(os_name, host_arch, "", os_version)
+        arch, variant = _normalize_arch(parts[0], "")
+        if arch == "arm" and variant == "v7":
+            variant = ""
+        if arch in _KNOWN_ARCH:
+            return Platform(host_os, arch, variant, os_version)
+        raise InvalidPlatformError(f"{_go_quote(spec)}: unknown operating system or architecture: invalid argument")
+    if len(parts) == 2:
+        arch, variant = _normalize_arch(parts[1], "")
+        if arch == "arm" and variant == "v7":
+            variant = ""
+        return Platform(os_name, arch, variant, os_version)
+    if len(parts) == 3:
+        arch, variant = _normalize_arch(parts[1], parts[2])
+        if arch == "arm64" and variant == "":
+            variant = "v8"
+        return Platform(os_name, arch, variant, os_version)
+    raise InvalidPlatformError(f"{_go_quote(spec)}: cannot parse platform specifier: invalid argument")
 
 
 def parse_platform_list(spec: str) -> list[Platform]:
@@ -649,16 +710,31 @@ def _platform_vector(p: Platform) -> list[Platform]:
     return [p]
 
 
+# containerd releases and the containerd/platforms rules they vendor.
+CONTAINERD_RULES = ("2.1", "main")
+
+
 class _ExactMatcher:
-    """containerd NewMatcher: one platform, the candidate normalized before comparing."""
+    """containerd NewMatcher: one platform, the candidate normalized before comparing.
 
-    __slots__ = ("platform", "windows")
+    ``rules="2.1"`` is containerd/platforms v1.0.0-rc.2 (containerd 2.1): ``os.features`` are
+    ignored. ``rules="main"``: a candidate's features must be a subset (``win32k`` implied on Windows).
+    """
 
-    def __init__(self, platform: Platform) -> None:
+    __slots__ = ("platform", "rules", "windows")
+
+    def __init__(self, platform: Platform, rules: str = "2.1") -> None:
         self.windows = platform.os == "windows"
         self.platform = normalize(platform)
+        self.rules = rules
 
     def match(self, candidate: Platform) -> bool:
+        if self.rules == "2.1":
+            n = normalize(candidate)
+            want = self.platform
+            if (n.os, n.architecture, n.variant) != (want.os, want.architecture, want.variant):
+                return False
+            return not self.windows or windows_os_version_matches(want.os_version, candidate.os_version)
         features = candidate.os_features
         if self.windows and "win32k" in features:
             # windowsStripFeaturesMatcher: win32k is implied on Windows hosts.
@@ -676,20 +752,31 @@ class _ExactMatcher:
 class ContainerdMatcher:
     """containerd ``platforms.Only(platform)`` (or ``OnlyStrict`` with ``strict=True``).
 
-    ``accepted()`` is the priority vector, best first; ``rank(p)`` is p's position in it.
-    Candidates are normalized before comparison. For Windows, ``os.version`` must be compatible
-    (same major.minor.build for hosts before 10.0.20348, otherwise from the newest LTSC below
-    the host up to the host's build); elsewhere ``os.version`` is ignored. A candidate's
-    ``os.features`` must all be present in the wanted platform's (``win32k`` is implied on Windows).
+    ``accepted()`` is the priority vector, best first; ``rank(p)`` is p's position in it (``Less``
+    of two candidates compares their ranks). Candidates are normalized before comparison. For
+    Windows, ``os.version`` must be compatible (same major.minor.build for hosts before 10.0.20348,
+    otherwise from the newest LTSC below the host up to the host's build); elsewhere ``os.version``
+    is ignored. ``rules`` names the containerd release: ``"2.1"`` (containerd/platforms
+    v1.0.0-rc.2, the default) ignores ``os.features``; ``"main"`` requires a candidate's features to
+    be a subset of the wanted ones (``win32k`` implied on Windows); main also ranks, among equal
+    platforms, the entry with more matching features first, which this class does not model.
     """
 
-    __slots__ = ("_matchers", "platform", "strict")
+    __slots__ = ("_matchers", "platform", "rules", "strict")
 
-    def __init__(self, platform: Platform, *, strict: bool = False) -> None:
+    def __init__(self, platform: Platform, *, strict: bool = False, rules: str = "2.1") -> None:
+        if rules not in CONTAINERD_RULES:
+            raise ValueError(f"unknown containerd rules {rules!r}: use one of {', '.join(CONTAINERD_RULES)}")
         self.platform = normalize(platform)
         self.strict = strict
+        self.rules = rules
         vector = [self.platform] if strict else _platform_vector(self.platform)
-        self._matchers = [_ExactMatcher(v) for v in vector]
+        self._matchers = [_ExactMatcher(v, rules) for v in vector]
+
+    def less(self, a: Platform, b: Platform) -> bool:
+        """``Less(a, b)``: a is matched by an earlier entry of the vector than b."""
+        ra, rb = self.rank(a), self.rank(b)
+        return ra is not None and (rb is None or ra < rb)
 
     def match(self, p: Platform) -> bool:
         return self.rank(p) is not None

@@ -391,3 +391,140 @@ def parse_any(s: str, *, default_tag: str | None = DEFAULT_TAG) -> Reference | L
                 "use oci:PATH[:TAG] for a layout directory or docker://REF (or just REF) for a registry",
             )
     return _parse_registry(s, s, default_tag)
+
+
+# --------------------------------------------------------------------------------------------
+# What the runtimes do with a reference (distribution/reference v0.6.0, as containerd 2.1 and
+# CRI-O 1.34 link it): a faithful model, used by `explain` and checked against the Go code's own
+# answers (tests/truth/reference.json). imagevol's own parser above is deliberately stricter.
+# --------------------------------------------------------------------------------------------
+
+_GO_ALNUM = r"[a-z0-9]+"
+_GO_SEP = r"(?:[._]|__|[-]+)"
+_GO_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_GO_HOST = rf"(?:{_GO_DOMAIN_COMPONENT}(?:\.{_GO_DOMAIN_COMPONENT})*|\[(?:[a-fA-F0-9:]+)\])"
+_GO_DOMAIN = _GO_HOST + r"(?::[0-9]+)?"
+_GO_TAG = r"[\w][\w.-]{0,127}"
+_GO_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*[:][0-9A-Fa-f]{32,}"
+_GO_PATH = rf"{_GO_ALNUM}(?:{_GO_SEP}{_GO_ALNUM})*(?:/{_GO_ALNUM}(?:{_GO_SEP}{_GO_ALNUM})*)*"
+_GO_NAME = rf"(?:{_GO_DOMAIN}/)?{_GO_PATH}"
+_GO_REFERENCE = re.compile(rf"({_GO_NAME})(?::({_GO_TAG}))?(?:@({_GO_DIGEST}))?", re.ASCII)
+_GO_ANCHORED_NAME = re.compile(rf"(?:({_GO_DOMAIN})/)?({_GO_PATH})", re.ASCII)
+_GO_DIGEST_ANCHORED = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+", re.ASCII)
+# go-digest algorithms whose hash the runtimes link (crypto/sha256, crypto/sha512): encoded lengths.
+_GO_DIGEST_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
+
+
+def _go_digest_problem(d: str) -> str | None:
+    """go-digest v1.0.0 Digest.Validate."""
+    i = d.find(":")
+    if i <= 0 or i + 1 == len(d):
+        return "invalid checksum digest format"
+    alg, encoded = d[:i], d[i + 1 :]
+    if alg not in _GO_DIGEST_LENGTHS:
+        if not _GO_DIGEST_ANCHORED.fullmatch(d):
+            return "invalid checksum digest format"
+        return "unsupported digest algorithm"
+    if len(encoded) != _GO_DIGEST_LENGTHS[alg]:
+        return "invalid checksum digest length"
+    if not re.fullmatch(r"[a-f0-9]+", encoded):
+        return "invalid checksum digest format"
+    return None
+
+
+@dataclass(frozen=True)
+class RuntimeReference:
+    """A reference as distribution/reference parses it: ``ParseNormalizedNamed`` and friends.
+
+    ``error`` is the Go error text when the runtimes refuse it (then the other fields are empty).
+    ``string`` is ``String()``, ``familiar`` is ``FamiliarString()``, ``docker_ref`` is
+    ``ParseDockerRef(...).String()`` (containerd's CRI: a tag is dropped when a digest is present,
+    ``latest`` added when neither is).
+    """
+
+    input: str
+    error: str | None = None
+    domain: str = ""
+    path: str = ""
+    tag: str = ""
+    digest: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.error is not None:
+            return ""
+        return f"{self.domain}/{self.path}" if self.domain else self.path
+
+    @property
+    def string(self) -> str:
+        if self.error is not None:
+            return ""
+        return self.name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+    @property
+    def familiar(self) -> str:
+        if self.error is not None:
+            return ""
+        name = self.name
+        if self.domain == DEFAULT_DOMAIN:
+            name = self.path
+            rest = self.path[len(OFFICIAL_REPO_PREFIX) :]
+            if self.path.startswith(OFFICIAL_REPO_PREFIX) and "/" not in rest:
+                name = rest
+        return name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+    @property
+    def docker_ref(self) -> str:
+        if self.error is not None:
+            return ""
+        if self.digest:
+            return f"{self.name}@{self.digest}"
+        return f"{self.name}:{self.tag or DEFAULT_TAG}"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "error": self.error,
+            "string": self.string,
+            "familiar": self.familiar,
+            "dockerRef": self.docker_ref,
+            "domain": self.domain,
+            "path": self.path,
+            "tag": self.tag,
+            "digest": self.digest,
+        }
+
+
+def runtime_reference(s: str) -> RuntimeReference:
+    """distribution/reference v0.6.0 ``ParseNormalizedNamed(s)`` (what CRI-O and containerd accept)."""
+    if re.fullmatch(r"[a-f0-9]{64}", s):
+        return RuntimeReference(s, f"invalid repository name ({s}), cannot specify 64-byte hexadecimal strings")
+    first, slash, rest = s.partition("/")
+    if not slash:
+        domain, remainder = DEFAULT_DOMAIN, OFFICIAL_REPO_PREFIX + s
+    else:
+        if first == LEGACY_DEFAULT_DOMAIN:
+            domain, remainder = DEFAULT_DOMAIN, rest
+        elif first == "localhost" or ":" in first or "." in first or first.lower() != first:
+            domain, remainder = first, rest
+        else:
+            domain, remainder = DEFAULT_DOMAIN, s
+        if domain == DEFAULT_DOMAIN and "/" not in remainder:
+            remainder = OFFICIAL_REPO_PREFIX + remainder
+    remote = remainder.split(":", 1)[0]
+    if remote.lower() != remote:
+        return RuntimeReference(s, f"invalid reference format: repository name ({remote}) must be lowercase")
+    whole = f"{domain}/{remainder}"
+    m = _GO_REFERENCE.fullmatch(whole)
+    if m is None:
+        if _GO_REFERENCE.fullmatch(whole.lower()) is not None:
+            return RuntimeReference(s, "repository name must be lowercase")
+        return RuntimeReference(s, "invalid reference format")
+    nm = _GO_ANCHORED_NAME.fullmatch(m.group(1))
+    assert nm is not None
+    rdomain, rpath = nm.group(1) or "", nm.group(2)
+    if len(rpath) > MAX_PATH_LENGTH:
+        return RuntimeReference(s, f"repository name must not be more than {MAX_PATH_LENGTH} characters")
+    dig = m.group(3) or ""
+    if dig and (problem := _go_digest_problem(dig)) is not None:
+        return RuntimeReference(s, problem)
+    return RuntimeReference(s, None, rdomain, rpath, m.group(2) or "", dig)

@@ -2,18 +2,22 @@
 trace of every decision (what `imagevol explain` prints).
 
 Semantics ("how a runtime ranks index entries"):
-- `crio` (containers/image, CRI-O 1.34): entries ranked by the node's wanted-platform list, exact
-  string match (arm: v8..v5, arm64: v8); entries WITHOUT a platform are candidates of the lowest rank
-  in OCI indexes; Docker manifest lists have no platform-less fallback; ties go to the first entry;
-  nested indexes resolve by the same rule, without backtracking.
-- `containerd` (containerd 2.1): `platforms.Only(node)` priority vector with normalization; entries
-  without a platform sort last and match through the os/architecture of their config.
+- `crio` (containers/image v5.36, CRI-O 1.34): entries ranked by the node's wanted-platform list,
+  exact string match (arm: v8..v5, arm64: v8); entries WITHOUT a platform are candidates of the lowest
+  rank in OCI indexes; Docker manifest lists have no platform-less fallback; among equal ranks an
+  instance annotated `io.github.containers.compression.zstd: "true"` wins, then the first entry. A
+  chosen entry that is itself an index is NOT mountable by CRI-O (an error, with CRI-O's text).
+- `containerd` (containerd 2.1, containerd/platforms v1.0.0-rc.2): `platforms.Only(node)` priority
+  vector with normalization, `os.features` ignored; the matching entries and those without a platform
+  are sorted (platform-less last) and only the FIRST is followed (nested indexes the same way); a
+  platform-less manifest then matches through its config's os/architecture, or the selection fails.
 - `imagevol`: the CRI-O rule (the `native` policy), plus backtracking through nested indexes and the
   `any` policy: if nothing matches, the first remaining entry in index order, with a warning.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +26,7 @@ from .errors import ImagevolError, ManifestError, NoMatchError
 from .jsonutil import loads as json_loads
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest
 from .platform import ContainerdMatcher, CrioMatcher, Platform, normalize
+from .reference import LayoutReference, Reference, runtime_reference
 from .sources.base import Source
 
 POLICIES = ("native", "any")
@@ -235,6 +240,10 @@ class Selector:
     def select(self, root: Descriptor, doc: Manifest | Index) -> Selection:
         if isinstance(doc, Manifest):
             return Selection(root, root, doc, "direct", root.platform, [], [])
+        if self.semantics == "containerd":
+            return self._select_containerd(root, doc)
+        if self.semantics == "crio":
+            return self._select_crio(root, doc)
         steps: list[IndexStep] = []
         found = self._walk(root, doc, steps, 0, set())
         if found is not None:
@@ -251,6 +260,160 @@ class Selector:
                 )
                 return Selection(root, desc, man, "fallback", plat, steps, [warn])
         raise self._no_match(root, doc, steps)
+
+    # --- the runtimes ---------------------------------------------------------
+    def _visit(self, desc: Descriptor, index: Index, steps: list[IndexStep], depth: int, seen: set[str]) -> IndexStep:
+        if depth >= self.max_depth:
+            raise ManifestError(
+                f"index nesting deeper than {self.max_depth} levels at {desc.digest}",
+                hint="nested indexes this deep are refused",
+            )
+        if str(desc.digest) in seen:
+            raise ManifestError(f"index cycle: {desc.digest} contains itself", hint="the index is malformed")
+        seen.add(str(desc.digest))
+        step = IndexStep(str(desc.digest), index.media_type)
+        steps.append(step)
+        return step
+
+    def _select_containerd(self, root: Descriptor, doc: Index) -> Selection:
+        """containerd 2.1 ``images.Manifest``: at each index, keep the entries without a platform or
+        matching ``Only(node)``, sort them stably (platformed by priority, platform-less last), and
+        follow only the FIRST; a platform-less manifest then matches through its config's platform."""
+        matcher = self._cmatchers[0]
+        steps: list[IndexStep] = []
+        seen: set[str] = set()
+        desc, index, depth = root, doc, 0
+        while True:
+            step = self._visit(desc, index, steps, depth, seen)
+            cands: list[tuple[tuple[int, int, int], EntryVerdict]] = []
+            for pos, d in all_entries(index):
+                if d.platform is None:
+                    v = EntryVerdict(pos, d, "platform-less", note="no platform: sorted after the platformed entries")
+                    cands.append(((1, 0, pos), v))
+                else:
+                    r = matcher.rank(d.platform)
+                    if r is None:
+                        step.entries.append(EntryVerdict(pos, d, "no-match", note=self._no_match_note(d.platform)))
+                        continue
+                    v = EntryVerdict(pos, d, "match", (0, r))
+                    cands.append(((0, r, pos), v))
+                step.entries.append(v)
+            cands.sort(key=lambda c: c[0])
+            if not cands:
+                step.reason = "no entry matches"
+                raise self._no_match(root, doc, steps)
+            first = cands[0][1]
+            for _, v in cands[1:]:
+                v.note = (v.note + "; " if v.note else "") + "not tried: containerd keeps only the first candidate"
+            step.chosen = first.position
+            d = first.descriptor
+            if mt.is_index(d.media_type):
+                child = self.source.manifest(d)
+                if not isinstance(child, Index):
+                    raise ManifestError(
+                        f"manifest: invalid desc {d.digest}: media-type: expected index but found manifest"
+                    )
+                step.reason = f"entry {first.position} is a nested index; containerd descends into it"
+                desc, index, depth = d, child, depth + 1
+                continue
+            if not mt.is_manifest(d.media_type):
+                step.reason = f"entry {first.position} comes first and has a media type containerd does not know"
+                raise ManifestError(
+                    f"unexpected media type {d.media_type} for {d.digest}: not found",
+                    hint="containerd stops at the first candidate; remove the entry or give it a platform",
+                )
+            man = self.source.manifest(d)
+            if not isinstance(man, Manifest):
+                raise ManifestError(f"manifest: invalid desc {d.digest}: media-type: expected manifest but found index")
+            if d.platform is not None:
+                step.reason = f"entry {first.position} ({first.platform}) ranks first for the node"
+                return Selection(root, d, man, "platform", d.platform, steps, [])
+            cp, err = go_config_platform(self.source.blob_bytes(man.config, MAX_CONFIG_SIZE))
+            if err is not None:
+                step.reason = f"entry {first.position} has no platform and its config is not a platform in JSON"
+                raise ManifestError(err, hint=f"the config {man.config.digest} of entry {first.position} is not JSON")
+            assert cp is not None
+            if not matcher.match(cp):
+                first.verdict = "no-match"
+                first.note = f"no platform; its config says {_fmt(normalize(cp))}; containerd tries no other entry"
+                step.reason = f"entry {first.position} has no platform and its config does not match"
+                raise self._no_match(root, doc, steps)
+            first.note = f"no platform; config says {_fmt(normalize(cp))}"
+            step.reason = f"entry {first.position} has no platform; its config matches the node"
+            return Selection(root, d, man, "platform-less", None, steps, [])
+
+    def _no_match_note(self, p: Platform) -> str:
+        if p.os == "unknown" and p.architecture == "unknown":
+            return "unknown/unknown is not a wildcard (often an attestation manifest)"
+        matchers = self._cmatchers if self.semantics == "containerd" else self._crio
+        same = [m for m in matchers if m.accepted() and m.accepted()[0].architecture == p.architecture]
+        if same:
+            ok = ", ".join(dict.fromkeys(_fmt(x) for x in same[0].accepted()))
+            return f"the node accepts only {ok}"
+        return ""
+
+    def _select_crio(self, root: Descriptor, doc: Index) -> Selection:
+        """containers/image v5.36 as CRI-O 1.34 calls it: one instance chosen from the top index.
+
+        OCI index: the best rank in the wanted-platform list, entries without a platform ranked last,
+        then an instance annotated zstd (CRI-O never sets PreferGzipInstances), then index order.
+        Docker list: for each wanted platform in turn, the first entry matching it. A chosen entry
+        that is itself an index is not mountable (see :class:`CrioNestedIndexError`)."""
+        matcher = self._crio[0]
+        steps: list[IndexStep] = []
+        step = self._visit(root, doc, steps, 0, set())
+        best: tuple[tuple[int, int, int], EntryVerdict] | None = None
+        for pos, d in all_entries(doc):
+            zstd = not doc.is_docker and d.annotations.get(mt.ANN_ZSTD_INSTANCE) == "true"
+            if d.platform is None:
+                if doc.is_docker:
+                    v = EntryVerdict(
+                        pos, d, "no-match", note="no platform; Docker manifest lists have no platform-less fallback"
+                    )
+                    step.entries.append(v)
+                    continue
+                v = EntryVerdict(pos, d, "platform-less", note="no platform: a candidate of the lowest rank")
+                key = (1 << 30, 0 if zstd else 1, pos)
+            else:
+                r = matcher.rank(d.platform)
+                if r is None:
+                    step.entries.append(EntryVerdict(pos, d, "no-match", note=self._no_match_note(d.platform)))
+                    continue
+                v = EntryVerdict(pos, d, "match", (0, r))
+                key = (r, 0 if zstd else 1, pos)
+            if zstd:
+                v.note = (v.note + "; " if v.note else "") + "zstd instance: preferred over a gzip one of equal rank"
+            step.entries.append(v)
+            if best is None or key < best[0]:
+                best = (key, v)
+        if best is None:
+            step.reason = "no entry matches"
+            raise self._no_match(root, doc, steps)
+        v = best[1]
+        step.chosen = v.position
+        d = v.descriptor
+        if mt.is_index(d.media_type):
+            step.reason = f"entry {v.position} is chosen, and it is itself an index"
+            raise CrioNestedIndexError(
+                crio_pull_error(self.source, NESTED_IMAGE_ERROR, NESTED_ARTIFACT_ERROR), steps, d
+            )
+        if not mt.is_manifest(d.media_type):
+            step.reason = f"entry {v.position} is chosen, and its media type is not a manifest's"
+            raise CrioUnusableEntryError(
+                f"CRI-O 1.34 chooses entry {v.position} ({d.digest}) of {root.digest}, whose media type "
+                f"{d.media_type} is neither an image nor an artifact manifest: the pull fails",
+                "containers/image chooses by platform only; give the entry another platform or remove it",
+                steps,
+                d,
+            )
+        man = self.source.manifest(d)
+        if not isinstance(man, Manifest):
+            raise ManifestError(f"entry {v.position} of {root.digest} is not a manifest")
+        if v.verdict == "match":
+            step.reason = f"entry {v.position} ({v.platform}) ranks first for the node"
+            return Selection(root, d, man, "platform", d.platform, steps, [])
+        step.reason = f"entry {v.position} has no platform and nothing ranks higher"
+        return Selection(root, d, man, "platform-less", None, steps, [])
 
     def _walk(
         self, desc: Descriptor, index: Index, steps: list[IndexStep], depth: int, seen: set[str]
@@ -332,12 +495,14 @@ class Selector:
         if self.semantics == "crio":
             w = self._crio[0].accepted()[0]
             kind = "manifest list" if index.is_docker else "image index"
-            msg = (
-                f'choosing image instance: no image found in {kind} for architecture "{w.architecture}", '
-                f'variant "{w.variant}", OS "{w.os}"'
+            inner = f'no image found in {kind} for architecture "{w.architecture}", variant "{w.variant}", OS "{w.os}"'
+            msg = crio_pull_error(
+                self.source,
+                f"choosing an image from manifest list {crio_image_name(self.source)}: {inner}",
+                ARTIFACT_IS_IMAGE_ERROR if index.is_docker else f"choose instance: {inner}",
             )
         elif self.semantics == "containerd":
-            msg = "no match for platform in manifest: not found"
+            msg = f"no match for platform in manifest {root.digest}: not found"
         else:
             msg = f"no manifest in {root.digest.short} matches {node} (policy {self.policy})"
         hint = f"the index offers: {', '.join(present) or 'nothing'}"
@@ -348,6 +513,137 @@ class Selector:
                 hint += f" or --platform {_fmt(first)}"
             hint += "; or repack it platform-less with `imagevol pack --agnostic`"
         return NoMatchError(msg, hint=hint, trace=steps)
+
+
+# CRI-O 1.34 (internal/storage/image.go, internal/ociartifact/store.go) and containers/image v5.36
+# (copy/copy.go, copy/single.go, manifest.FromBlob): the texts a failed pull prints.
+NESTED_IMAGE_ERROR = (
+    "copying system image from manifest list: Unexpectedly received a manifest list instead of a manifest for a "
+    "single image"
+)
+NESTED_ARTIFACT_ERROR = "parse manifest from blob: Treating manifest lists as individual manifests is not implemented"
+ARTIFACT_IS_IMAGE_ERROR = "provided artifact is a container image"
+
+
+def crio_image_name(source: Source) -> str:
+    """containers/image ``transports.ImageName`` of what CRI-O would pull: ``docker://`` + the familiar
+    reference (for an OCI layout source, the ``oci:`` transport name)."""
+    ref = getattr(source, "ref", None)
+    if isinstance(ref, Reference):
+        rt = runtime_reference(str(ref))
+        return "docker://" + (rt.familiar if rt.error is None else ref.familiar())
+    if isinstance(ref, LayoutReference):
+        return f"oci:{ref.path}:{ref.tag or ''}" if ref.digest is None else f"oci:{ref.path}@{ref.digest}"
+    return "docker://" + str(ref)
+
+
+def crio_pull_error(source: Source, image_err: str, artifact_err: str) -> str:
+    """CRI-O 1.34 tries an image copy first and, when it fails, an OCI artifact pull."""
+    del source
+    return f"unable to pull image or OCI artifact: pull image err: {image_err}; artifact err: {artifact_err}"
+
+
+class CrioUnusableEntryError(ManifestError):
+    """CRI-O 1.34 chose an index entry it cannot pull (`descriptor`)."""
+
+    def __init__(self, message: str, hint: str, trace: list[IndexStep], descriptor: Descriptor) -> None:
+        super().__init__(message, hint)
+        self.trace = trace
+        self.descriptor = descriptor
+
+
+class CrioNestedIndexError(CrioUnusableEntryError):
+    """CRI-O 1.34 chose an index entry that is itself an index: neither its image nor its artifact path
+    can mount it."""
+
+    def __init__(self, message: str, trace: list[IndexStep], descriptor: Descriptor) -> None:
+        super().__init__(
+            message,
+            "imagevol descends into nested indexes (its own resolution); for CRI-O, point the reference at the "
+            "inner index or flatten the index",
+            trace,
+            descriptor,
+        )
+
+
+def all_entries(index: Index) -> list[tuple[int, Descriptor]]:
+    """Every entry of an index with its position, in index order, including the media types imagevol
+    ignores (the runtimes do not skip them)."""
+    try:
+        doc = json_loads(index.raw)
+        raw = doc.get("manifests") if isinstance(doc, dict) else None
+        if isinstance(raw, list) and len(raw) == len(index.manifests) + len(index.ignored):
+            return [(i, Descriptor.from_dict(e, f"manifests[{i}]")) for i, e in enumerate(raw)]
+    except (ImagevolError, ValueError):
+        pass
+    return list(enumerate(index.manifests))
+
+
+_GO_JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "bool", int: "number", float: "number"}
+_GO_PLATFORM_STRINGS = ("architecture", "os", "os.version", "variant")
+
+
+def go_config_platform(raw: bytes) -> tuple[Platform | None, str | None]:
+    """containerd's ``ConfigPlatform``: the config decoded into an OCI platform by Go's encoding/json
+    (keys matched case-insensitively, other keys ignored), normalized. Returns (platform, None), or
+    (None, the Go error text) for the errors a config in the wild gives: not JSON, wrong JSON types."""
+    text = raw.decode("utf-8", errors="replace")
+    stripped = text.lstrip(" \t\r\n")
+    if not stripped:
+        return None, "unexpected end of JSON input"
+    first = stripped[0]
+    if first not in '{["-0123456789tfn':
+        return None, f"invalid character {_go_char(first)} looking for beginning of value"
+    try:
+        doc = json_loads(raw)
+    except ValueError as e:
+        pos = getattr(e, "pos", None)
+        if pos is not None and pos >= len(raw.rstrip()):
+            return None, "unexpected end of JSON input"
+        return None, f"invalid JSON ({e})"  # Go words it differently; not produced by the truth cases
+    if doc is None:
+        return normalize(Platform("", "")), None
+    if not isinstance(doc, dict):
+        kind = _GO_JSON_KINDS.get(type(doc), "value")
+        return None, f"json: cannot unmarshal {kind} into Go value of type v1.Platform"
+    fields: dict[str, Any] = {}
+    for key, value in doc.items():
+        k = key.lower()
+        if k in _GO_PLATFORM_STRINGS:
+            if value is not None and not isinstance(value, str):
+                kind = _GO_JSON_KINDS.get(type(value), "value")
+                return None, f"json: cannot unmarshal {kind} into Go struct field Platform.{k} of type string"
+            if value is not None:
+                fields[k] = value
+        elif k == "os.features":
+            if value is not None and not isinstance(value, list):
+                kind = _GO_JSON_KINDS.get(type(value), "value")
+                return None, f"json: cannot unmarshal {kind} into Go struct field Platform.os.features of type []string"
+            for item in value or []:
+                if item is not None and not isinstance(item, str):
+                    kind = _GO_JSON_KINDS.get(type(item), "value")
+                    return (
+                        None,
+                        f"json: cannot unmarshal {kind} into Go struct field Platform.os.features of type string",
+                    )
+    p = Platform(
+        os=fields.get("os", ""),
+        architecture=fields.get("architecture", ""),
+        variant=fields.get("variant", ""),
+        os_version=fields.get("os.version", ""),
+    )
+    return normalize(p), None
+
+
+def _go_char(ch: str) -> str:
+    """Go's encoding/json quoteChar."""
+    if ch == "'":
+        return "'\\''"
+    if ch == '"':
+        return "'\"'"
+    if ch.isprintable() and ch.isascii():
+        return f"'{ch}'"
+    return json.dumps(ch)
 
 
 def select_manifest(

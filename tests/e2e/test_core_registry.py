@@ -100,7 +100,13 @@ def test_crio_error_text(pushed) -> None:
         "explain", f"{registry.host}/core/fixtures:four-platform", "--platform", "linux/arm/v6", "--runtime", "crio"
     )
     assert r.returncode == 3
-    assert 'no image found in image index for architecture "arm", variant "v6", OS "linux"' in r.stdout
+    inner = 'no image found in image index for architecture "arm", variant "v6", OS "linux"'
+    # CRI-O 1.34's own text: the image path (containers/image names the image docker://FAMILIAR),
+    # then the artifact path (issue 14 case 6).
+    assert (
+        "unable to pull image or OCI artifact: pull image err: choosing an image from manifest list "
+        f"docker://{registry.host}/core/fixtures:four-platform: {inner}; artifact err: choose instance: {inner}"
+    ) in r.stdout
 
 
 def test_inspect_registry_tree(pushed) -> None:

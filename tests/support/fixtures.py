@@ -114,8 +114,9 @@ def expectations() -> list[tuple[str, str, str, str, tuple[str, int | None, str 
     add(DOCKER_LIST, "linux/amd64", same((M, 0, "image")))
     add(DOCKER_LIST, "linux/arm64", same((M, 1, "image")))
     add(DOCKER_LIST, "linux/arm/v6", same((F, None, None), any_exp=(M, 0, "image")))
-    add(NESTED, "linux/amd64", same((M, 0, "image")))
-    add(NESTED, "linux/arm64", same((M, 1, "image")))
+    # CRI-O 1.34 (containers/image) cannot mount an index whose chosen entry is an index.
+    add(NESTED, "linux/amd64", same((M, 0, "image"), crio=(F, None, None)))
+    add(NESTED, "linux/arm64", same((M, 1, "image"), crio=(F, None, None)))
     add(NESTED, "linux/arm/v6", same((F, None, None), any_exp=(M, 0, "image")))
     for node in ("linux/amd64", "linux/arm64", "linux/arm/v6"):
         add(ARTIFACT, node, same((M, None, "artifact"), containerd=(F, None, None)))

@@ -370,7 +370,35 @@ def test_containerd_only_strict(host: str, candidate: str, expected: bool) -> No
     ],
 )
 def test_containerd_os_features(host: str, candidate: str, expected: bool) -> None:
-    assert ContainerdMatcher(P(host)).match(P(candidate)) is expected
+    """containerd's main branch (kept behind rules="main")."""
+    assert ContainerdMatcher(P(host), rules="main").match(P(candidate)) is expected
+
+
+@pytest.mark.parametrize(
+    ("host", "candidate"),
+    [
+        ("linux/amd64", "linux(+other)/amd64"),
+        ("linux(+f1+f2)/amd64", "linux(+f1+f2+f3)/amd64"),
+        ("linux/amd64", "linux(+win32k)/amd64"),
+        ("windows/amd64", "windows(+win32k+other)/amd64"),
+    ],
+)
+def test_containerd21_ignores_os_features(host: str, candidate: str) -> None:
+    """Issue 14 case 5: containerd 2.1 vendors containerd/platforms v1.0.0-rc.2, whose matcher ignores
+    os.features: the default rules match what main refuses."""
+    assert ContainerdMatcher(P(host)).match(P(candidate)) is True
+    assert ContainerdMatcher(P(host), rules="main").match(P(candidate)) is False
+
+
+def test_containerd21_parser_refuses_os_features() -> None:
+    """Issue 14 case 5: rc.2's Parse takes only os(version): a feature list is an invalid OS component."""
+    from imagevol.platform import parse_platform_containerd21
+
+    with pytest.raises(InvalidPlatformError) as ei:
+        parse_platform_containerd21("windows(10.0.17763+win32k)/amd64")
+    assert ei.value.message.startswith('"windows(10.0.17763+win32k)" is an invalid OS component of')
+    assert parse_platform_containerd21("windows(10.0.17763)/amd64") == Platform("windows", "amd64", "", "10.0.17763")
+    assert P("windows(10.0.17763+win32k)/amd64").os_features == ("win32k",)  # main's grammar takes it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,10 +296,25 @@ class _TarReader:
         self._skip(-size % BLOCK)
         return data
 
+    def _skip_padding(self, n: int) -> bool:
+        """Skip the last entry's padding; False when the stream ends inside it, which Go's archive/tar
+        (so every runtime, and umoci 0.4.7 that writes such layers) takes as a clean end."""
+        while n > 0:
+            data = self._f.read(n)
+            if not data:
+                return False
+            n -= len(data)
+        return True
+
     def next(self) -> _Entry | None:
-        """The next entry (long names and PAX headers applied), or None at the end of the archive."""
-        self._skip(self._remaining + self._pad)
-        self._remaining = self._pad = 0
+        """The next entry (long names and PAX headers applied), or None at the end of the archive.
+
+        Like Go's archive/tar, the archive may end without its end-of-archive blocks, at a header
+        boundary or inside the last entry's padding; an entry's data must be complete."""
+        self._skip(self._remaining)
+        pad, self._remaining, self._pad = self._pad, 0, 0
+        if not self._skip_padding(pad):
+            return None
         longname: bytes | None = None
         longlink: bytes | None = None
         pax: dict[str, bytes] = {}
