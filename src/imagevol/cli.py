@@ -505,7 +505,8 @@ def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
     type=click.Choice(["auto", "bind", "hardlink", "copy"]),
     default="auto",
     show_default=True,
-    help="auto: a read-only bind mount as root, else a read-only hard-link tree.",
+    help="auto: a read-only bind mount as root, else a private copy (reflinks where possible); "
+    "hardlink: the same (never links into the store).",
 )
 @click.option(
     "--name-untitled",

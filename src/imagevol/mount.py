@@ -128,7 +128,7 @@ def mount(
                 for w in res.warnings:
                     _warn(w)
                 snap = materialize(store, res.manifest, options=options_m, warn=_warn)
-            vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath)
+            vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath, warn=_warn)
         finally:
             store.meta.remove_lease(lease)
     return MountResult(vol, res, snap, time.monotonic() - t0, warnings, streamed)
