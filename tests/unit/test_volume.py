@@ -19,7 +19,7 @@ import pytest
 
 from imagevol import mediatypes as mt
 from imagevol.errors import ImagevolError, NotFoundError, UsageError
-from imagevol.materialize import Snapshot, materialize
+from imagevol.materialize import Snapshot, force_rmtree, materialize
 from imagevol.store import Store
 from imagevol.volume import (
     create_volume,
@@ -458,3 +458,44 @@ def test_subpath_errors_tell_nothing_about_the_host(store: Store, tmp_path: Path
     }
     assert resolve_subpath(snap.path, "data/f", artifact=False, ref="r") == snap.path / "data/f"
     assert resolve_subpath(snap.path, "data", artifact=False, ref="r") == snap.path / "data"
+
+
+# -- removal goes through descriptors and removes only what imagevol made -----------------------------
+def test_remove_refuses_a_target_that_is_not_the_one_made(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    """The volume's directory was moved away and another one put at its path: removing the volume
+    used to empty that one. Now the recorded device and inode do not match: refused, untouched."""
+    target = tmp_path / "v"
+    create_volume(store, image, target, ref="r", mode="copy")
+    os.rename(target, tmp_path / "moved")
+    target.mkdir()
+    (target / "keep.txt").write_text("someone else's")
+    with pytest.raises(ImagevolError, match="not the one imagevol made") as e:
+        remove_volume(store, target)
+    assert e.value.hint and "nothing was changed" in str(e.value)
+    assert (target / "keep.txt").read_text() == "someone else's"
+    assert len(store.meta.list_volumes()) == 1
+    force_rmtree(target)
+    os.rename(tmp_path / "moved", target)
+    remove_volume(store, target)
+    assert not target.exists() and store.meta.list_volumes() == []
+
+
+def test_abandoned_volume_is_not_undone_through_a_swapped_parent(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    """A volume whose creator died is undone by the next listing: that went through the recorded
+    path, so a parent swapped for a symlink led it to empty another directory. Now the parent is
+    opened without following symlinks: nothing outside is touched (the record is dropped)."""
+    parent = tmp_path / "models"
+    target = parent / "data"
+    vol = create_volume(store, image, target, ref="r", mode="copy")
+    side_path = store.root / "volumes" / f"{vol.id}.json"
+    side = json.loads(side_path.read_text())
+    side.update(state="mounting", pid=2**22 + 12345)  # no such process
+    side_path.write_text(json.dumps(side))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "data").mkdir(parents=True)
+    (elsewhere / "data" / "precious.db").write_text("precious")
+    os.rename(parent, tmp_path / "models.old")
+    os.symlink(elsewhere, parent)
+    assert list_volumes(store) == []
+    assert (elsewhere / "data" / "precious.db").read_text() == "precious"
+    assert (tmp_path / "models.old" / "data" / "data" / "weights.bin").exists()  # left in place
