@@ -499,3 +499,54 @@ def test_abandoned_volume_is_not_undone_through_a_swapped_parent(store: Store, i
     assert list_volumes(store) == []
     assert (elsewhere / "data" / "precious.db").read_text() == "precious"
     assert (tmp_path / "models.old" / "data" / "data" / "weights.bin").exists()  # left in place
+
+
+# -- reflinks where the file system has them ---------------------------------------------------------
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    """A loop-mounted XFS with reflink=1 (root, mkfs.xfs from xfsprogs)."""
+    if not IS_ROOT:
+        if ALLOW_SKIP:
+            pytest.skip("needs root")
+        pytest.fail("needs root; IMAGEVOL_ALLOW_SKIP=1 skips")
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs (xfsprogs) is not installed")
+    image = tmp_path / "xfs.img"
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    mnt = tmp_path / "xfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_copies_and_exports_are_reflinks_on_xfs(xfs: Path) -> None:
+    """On a file system with reflinks, a copy volume and an exported blob are clones: inodes of
+    their own (a write stays private) that take no data blocks."""
+    from imagevol.sinks.layout import LayoutSink
+
+    store = Store(xfs / "store")
+    data = os.urandom(64 << 20)
+    b = Builder(store)
+    m = b.manifest([b.desc("application/x", data, {mt.ANN_TITLE: "w.bin"})], artifact_type="application/vnd.example")
+    snap = materialize(store, m)
+    blob = store.blob_path(m.layers[0].digest)
+
+    def used() -> int:
+        os.sync()
+        st = os.statvfs(xfs)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    before = used()
+    create_volume(store, snap, xfs / "vol", ref="a", mode="copy")
+    LayoutSink(xfs / "layout", tag="t").put_blob_file(blob, m.layers[0].digest, len(data), mode="clone")
+    assert used() - before < 8 << 20  # two 64 MiB files, no data blocks of their own
+    for f in (xfs / "vol" / "w.bin", xfs / "layout" / "blobs" / "sha256" / blob.name):
+        assert f.stat().st_ino != blob.stat().st_ino and f.read_bytes() == data
+        os.chmod(f, 0o644)
+        with open(f, "r+b") as w:
+            w.write(b"private")
+    assert blob.read_bytes() == data and (snap.path / "w.bin").read_bytes() == data
+    remove_volume(store, xfs / "vol")
