@@ -149,16 +149,38 @@ def _unescape(field: bytes) -> str:
 
 def mountpoints() -> set[str]:
     """Mount points of this mount namespace (``/proc/self/mountinfo``)."""
-    out: set[str] = set()
+    return {point for _, _, point in _mount_table()}
+
+
+def _mount_table() -> list[tuple[int, str, str]]:
+    """(mount id, root of the mount inside its file system, mount point) of every mount."""
+    out: list[tuple[int, str, str]] = []
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split(b" ")
-                if len(fields) > 4:
-                    out.add(_unescape(fields[4]))
+                if len(fields) > 4 and fields[0].isdigit():
+                    out.append((int(fields[0]), _unescape(fields[3]), _unescape(fields[4])))
     except OSError:
         pass
     return out
+
+
+def _mount_entry(target: Path) -> dict[str, Any] | None:
+    """The mount id and root of the mount on top of ``target`` (the last one mounted there)."""
+    found = [(mid, root) for mid, root, point in _mount_table() if point == os.fspath(target)]
+    return {"id": found[-1][0], "root": found[-1][1]} if found else None
+
+
+def _bind_mounted(target: str, side: dict[str, Any], mounts: set[str]) -> bool:
+    """Whether a bind volume is still mounted: at its path, or (a parent renamed by whoever owns
+    it) wherever its mount, recognized by the mount id and root recorded at mount time, now is."""
+    if target in mounts:
+        return True
+    m = side.get("mount")
+    if not isinstance(m, dict):
+        return False
+    return any(mid == m.get("id") and root == m.get("root") for mid, root, _ in _mount_table())
 
 
 # The new mount API (Linux >= 5.12; the same syscall numbers on every architecture): a detached
@@ -504,9 +526,9 @@ def _canonical(target: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(target))))
 
 
-def _is_mounted(rec: VolumeRecord, mounts: set[str]) -> bool:
+def _is_mounted(rec: VolumeRecord, mounts: set[str], side: dict[str, Any] | None = None) -> bool:
     if rec.mode == "bind":
-        return rec.target in mounts
+        return _bind_mounted(rec.target, side if side is not None else {}, mounts)
     return os.path.lexists(rec.target)
 
 
@@ -522,7 +544,7 @@ def _volume(store: Store, rec: VolumeRecord, mounts: set[str]) -> Volume:
         mode=rec.mode,
         subpath=sub if isinstance(sub, str) and sub else None,
         created_at=rec.created_at,
-        mounted=_is_mounted(rec, mounts),
+        mounted=_is_mounted(rec, mounts, side),
     )
 
 
@@ -646,7 +668,7 @@ def _teardown(target: Path, mode: str, side: dict[str, Any]) -> None:
     orig_mode = side.get("target_mode") if isinstance(side.get("target_mode"), int) else None
     target_id = _recorded_ident(side.get("target_id"))
     mounted_id = _recorded_ident(side.get("mounted_id"))
-    mounted = os.fspath(target) in mountpoints()
+    mounted = _bind_mounted(os.fspath(target), side, mountpoints()) if mode == "bind" else False
     try:
         pfd = _open_parent(target, create=False)
     except FileNotFoundError:
@@ -791,6 +813,7 @@ def create_volume(
                 if how == "bind":
                     _bind(source, tgt, tfd)
                     side["mounted_id"] = _ident(os.stat(tgt.name, dir_fd=pfd, follow_symlinks=False))
+                    side["mount"] = _mount_entry(tgt)
                 else:
                     counts = _fill(source, tgt, tfd, source_is_dir)
                     if mode == "hardlink" and counts.copied and warn is not None:
@@ -903,7 +926,7 @@ def reconcile(store: Store) -> list[Volume]:
             continue
         with store.lock(_target_lock(vol.target)):
             rec = store.meta.get_volume(vol.id)
-            if rec is None or _is_mounted(rec, mountpoints()):
+            if rec is None or _is_mounted(rec, mountpoints(), _read_sidecar(store, rec.id)):
                 continue
             _forget(store, rec)
         removed.append(vol)

@@ -550,3 +550,32 @@ def test_copies_and_exports_are_reflinks_on_xfs(xfs: Path) -> None:
             w.write(b"private")
     assert blob.read_bytes() == data and (snap.path / "w.bin").read_bytes() == data
     remove_volume(store, xfs / "vol")
+
+
+@root_only
+def test_a_bind_volume_moved_with_its_parent_is_not_forgotten(
+    store: Store, image: Snapshot, tmp_path: Path, cleanup
+) -> None:
+    """Whoever owns a parent of a bind volume can rename it: the mount moves along. Listings and
+    `reconcile` used to find nothing at the recorded path and drop the record (a live mount nobody
+    knew), and removal rmdir'ed whatever was at the path. Now the mount is recognized by the id
+    and root recorded at mount time: still listed, kept by reconcile, removal refused."""
+    parent = tmp_path / "models"
+    target = parent / "data"
+    cleanup.append((store, target))
+    vol = create_volume(store, image, target, ref="r", mode="bind")
+    os.rename(parent, tmp_path / "models.old")
+    moved = tmp_path / "models.old" / "data"
+    cleanup.append((store, moved))
+    assert mounted(moved) and not mounted(target)
+    assert [(v.id, v.mounted) for v in list_volumes(store)] == [(vol.id, True)]
+    assert reconcile(store) == [] and store.meta.get_volume(vol.id) is not None
+    target.mkdir(parents=True)  # something else at the recorded path
+    with pytest.raises(ImagevolError, match="cannot be reached safely"):
+        remove_volume(store, target)
+    assert target.is_dir() and mounted(moved)
+    os.rmdir(target)
+    os.rmdir(parent)
+    os.rename(tmp_path / "models.old", parent)
+    remove_volume(store, target)
+    assert not mounted(target) and not target.exists() and store.meta.list_volumes() == []
