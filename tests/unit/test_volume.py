@@ -579,3 +579,22 @@ def test_a_bind_volume_moved_with_its_parent_is_not_forgotten(
     os.rename(tmp_path / "models.old", parent)
     remove_volume(store, target)
     assert not mounted(target) and not target.exists() and store.meta.list_volumes() == []
+
+
+def test_target_parents_are_created_without_following_symlinks(tmp_path: Path) -> None:
+    """Mount-time creation of a target's parents walks from / with O_NOFOLLOW: a component that
+    became a symlink after the target was canonicalized (a race with its owner) is refused, and
+    nothing is created behind it (`Path.mkdir(parents=True)` followed it)."""
+    from imagevol.volume import _open_parent
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    with pytest.raises(ImagevolError, match="is a symbolic link or not a directory"):
+        _open_parent(tmp_path / "link" / "a" / "target", create=True)
+    assert list(elsewhere.iterdir()) == []
+    fd = _open_parent(tmp_path / "new" / "a" / "target", create=True)
+    try:
+        assert os.fstat(fd).st_ino == (tmp_path / "new" / "a").stat().st_ino
+    finally:
+        os.close(fd)
