@@ -510,7 +510,9 @@ def xfs(tmp_path: Path) -> Iterator[Path]:
             pytest.skip("needs root")
         pytest.fail("needs root; IMAGEVOL_ALLOW_SKIP=1 skips")
     if shutil.which("mkfs.xfs") is None:
-        pytest.skip("mkfs.xfs (xfsprogs) is not installed")
+        if ALLOW_SKIP:
+            pytest.skip("mkfs.xfs (xfsprogs) is not installed")
+        pytest.fail("mkfs.xfs is needed (xfsprogs; `./dev setup` installs it); IMAGEVOL_ALLOW_SKIP=1 skips")
     image = tmp_path / "xfs.img"
     with open(image, "wb") as f:
         f.truncate(512 << 20)
