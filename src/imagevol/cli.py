@@ -545,7 +545,7 @@ def mount_cmd(
     **kw: Any,
 ) -> None:
     """Mount REF read-only at TARGET: resolve for this node, pull what is missing, materialize once,
-    then a nosuid,nodev read-only bind mount (as root) or a read-only hard-link tree."""
+    then a nosuid,nodev read-only bind mount (as root) or a private copy (reflinks where possible)."""
     from .mount import mount
 
     nodes = parse_nodes(kw.pop("platforms"))
@@ -572,7 +572,8 @@ def mount_cmd(
         click.echo(json.dumps(res.to_dict(), indent=2))
     else:
         v = res.volume
-        click.echo(f"mounted {v.ref} ({res.snapshot.flavour}, {v.digest.short}) at {v.target} [{v.mode}, read-only]")
+        kind = "read-only" if v.mode == "bind" else "a private copy"
+        click.echo(f"mounted {v.ref} ({res.snapshot.flavour}, {v.digest.short}) at {v.target} [{v.mode}, {kind}]")
 
 
 @main.command("unmount")
