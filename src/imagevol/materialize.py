@@ -819,7 +819,7 @@ class _Builder:
 
     def _metadata_mode(self, layer: Descriptor, what: str) -> int | None:
         """The mode a raw ModelPack file declares, or None when its read-only part is 0o444 (the file
-    is then a hard link to the 0o444 blob; any other mode, an executable, a copy with that mode)."""
+        is then a hard link to the 0o444 blob; any other mode, an executable, a copy with that mode)."""
         raw = layer.annotations.get(mt.ANN_CNCF_FILE_METADATA)
         if not raw:
             return None
