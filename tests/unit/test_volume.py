@@ -600,3 +600,22 @@ def test_target_parents_are_created_without_following_symlinks(tmp_path: Path) -
         assert os.fstat(fd).st_ino == (tmp_path / "new" / "a").stat().st_ino
     finally:
         os.close(fd)
+
+
+def test_gc_reclaims_snapshots_built_the_old_way(store: Store, artifact: Snapshot) -> None:
+    """Snapshots keyed by the bare manifest hex were sealed the old way (write bits stripped); no
+    mount reuses them, so gc reclaims them even while their manifest is kept by a reference."""
+    from imagevol.mount import gc
+
+    m = _manifest_of(store, artifact)
+    store.meta.set_ref("example.com/a:1", m.digest, media_type=m.media_type)
+    legacy = store.root / "snapshots" / m.digest.hex
+    legacy.mkdir()
+    (legacy / "old.txt").write_text("sealed the old way")
+    os.chmod(legacy / "old.txt", 0o444)
+    os.chmod(legacy, 0o555)
+    store.meta.set_snapshot(m.digest.hex, str(legacy), "ready", digest=m.digest)
+    res = gc(root=store)
+    assert res.removed_snapshots == [m.digest.hex]
+    assert not legacy.exists() and artifact.path.is_dir()
+    assert store.meta.get_snapshot(artifact.key) is not None and store.meta.get_snapshot(m.digest.hex) is None
