@@ -619,3 +619,13 @@ def test_gc_reclaims_snapshots_built_the_old_way(store: Store, artifact: Snapsho
     assert res.removed_snapshots == [m.digest.hex]
     assert not legacy.exists() and artifact.path.is_dir()
     assert store.meta.get_snapshot(artifact.key) is not None and store.meta.get_snapshot(m.digest.hex) is None
+
+
+def test_copy_of_a_file_sub_path(store: Store, image: Snapshot, tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "hello"
+    vol = create_volume(store, image, target, ref="r", mode="copy", subpath="bin/hello")
+    assert vol.mode == "copy" and target.read_bytes() == (image.path / "bin/hello").read_bytes()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert target.stat().st_ino != (image.path / "bin/hello").stat().st_ino
+    remove_volume(store, target)
+    assert not target.exists() and (tmp_path / "deep").is_dir()
