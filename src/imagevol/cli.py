@@ -510,7 +510,8 @@ def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
     type=click.Choice(["auto", "bind", "hardlink", "copy"]),
     default="auto",
     show_default=True,
-    help="auto: a read-only bind mount as root, else a read-only hard-link tree.",
+    help="auto: a read-only bind mount as root, else a private copy (reflinks where possible); "
+    "hardlink: the same (never links into the store).",
 )
 @click.option(
     "--name-untitled",
@@ -549,7 +550,7 @@ def mount_cmd(
     **kw: Any,
 ) -> None:
     """Mount REF read-only at TARGET: resolve for this node, pull what is missing, materialize once,
-    then a nosuid,nodev read-only bind mount (as root) or a read-only hard-link tree."""
+    then a nosuid,nodev read-only bind mount (as root) or a private copy (reflinks where possible)."""
     from .mount import mount
 
     nodes = parse_nodes(kw.pop("platforms"))
@@ -576,7 +577,8 @@ def mount_cmd(
         click.echo(json.dumps(res.to_dict(), indent=2))
     else:
         v = res.volume
-        click.echo(f"mounted {v.ref} ({res.snapshot.flavour}, {v.digest.short}) at {v.target} [{v.mode}, read-only]")
+        kind = "read-only" if v.mode == "bind" else "a private copy"
+        click.echo(f"mounted {v.ref} ({res.snapshot.flavour}, {v.digest.short}) at {v.target} [{v.mode}, {kind}]")
 
 
 @main.command("unmount")

@@ -268,3 +268,22 @@ class AlignedWriter:
 
 class ImagevolAbandoned(Exception):
     """Set on an AlignedWriter that was abandoned: later writes are dropped."""
+
+
+# ioctl FICLONE (linux/fs.h: _IOW(0x94, 9, int)): the destination becomes a copy-on-write clone of
+# the source, an inode of its own sharing the extents (btrfs, XFS with reflink, bcachefs, ...).
+FICLONE = 0x40049409
+
+
+def reflink(src_fd: int, dst_fd: int) -> bool:
+    """Make the (empty) file ``dst_fd`` a reflink of ``src_fd``; False where the file systems cannot
+    (no reflink support, two file systems), and the caller copies instead."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.EPERM, errno.EBADF):
+            return False
+        raise
+    return True

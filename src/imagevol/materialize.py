@@ -57,8 +57,10 @@ layer whose path an earlier layer already provides is refused (UnsafeContentErro
 silently shadowing it; tar layers merge into existing directories and replace what they overwrite,
 as the applier does for image layers.
 
-At the end the tree is sealed: write bits removed from every file and directory (hard-linked blobs
-are 0o444 already and are never chmod-ed), the snapshot root itself 0o555.
+Files and directories keep the modes their layers declare (a 0640 file is 0640, a 0750 directory
+0750, the root 0755 unless a layer declares ``./``), as the runtimes' overlay mounts show them;
+read-only comes from the volume's mount, and the tree lies under the 0700 store root. Hard-linked
+raw blobs are 0o444. Volumes never expose a snapshot's inodes writable (:mod:`imagevol.volume`).
 """
 
 from __future__ import annotations
@@ -213,13 +215,19 @@ def _untitled_layers(manifest: Manifest, fl: str) -> bool:
     return False
 
 
+# What a snapshot tree looks like; a new value gives every snapshot a new key, so trees built the
+# old way are never reused (gc reclaims them). 2: declared modes kept (1, unkeyed: write bits stripped).
+SNAPSHOT_FORMAT = 2
+
+
 def snapshot_key(manifest: Manifest, options: MaterializeOptions | None = None) -> str:
-    """The snapshot's name: the manifest digest's hex, plus ``-<12 hex>`` when non-default options
-    change the result (``name_untitled="digest"`` with untitled layers present, or applier policies
-    that differ from the defaults)."""
+    """The snapshot's name: the manifest digest's hex, plus ``-<12 hex>`` of the tree format
+    (:data:`SNAPSHOT_FORMAT`) and the non-default options that change the result
+    (``name_untitled="digest"`` with untitled layers present, or applier policies that differ from
+    the defaults)."""
     opts = options if options is not None else MaterializeOptions()
     fl = manifest_flavour(manifest)
-    tweaks: dict[str, Any] = {}
+    tweaks: dict[str, Any] = {"format": SNAPSHOT_FORMAT}
     if opts.name_untitled != "skip" and _untitled_layers(manifest, fl):
         tweaks["untitled"] = opts.name_untitled
     elif fl == "artifact" and any(
@@ -230,8 +238,6 @@ def snapshot_key(manifest: Manifest, options: MaterializeOptions | None = None) 
         given = _apply_fields(opts.apply)
         if given != _apply_fields(ApplyOptions()):
             tweaks["apply"] = given
-    if not tweaks:
-        return manifest.digest.hex
     suffix = hashlib.sha256(json.dumps(tweaks, sort_keys=True).encode()).hexdigest()[:12]
     return f"{manifest.digest.hex}-{suffix}"
 
@@ -371,19 +377,9 @@ def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
 
 
 def _seal(root_fd: int) -> int:
-    """Remove write bits everywhere (root: 0o555); returns the number of regular files."""
-    files = 0
-    for dfd, name, st in _walk_fd(root_fd):
-        if stat.S_ISLNK(st.st_mode):
-            continue
-        if stat.S_ISREG(st.st_mode):
-            files += 1
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o222:
-            # A regular file, directory or node in our private build tree, known not to be a symlink.
-            os.chmod(name, mode & ~0o222, dir_fd=dfd, follow_symlinks=True)
-    os.fchmod(root_fd, 0o555)
-    return files
+    """The number of regular files. Modes stay as the layers declared them: read-only comes from
+    the volume's mount, not from stripped write bits."""
+    return sum(1 for _, _, st in _walk_fd(root_fd) if stat.S_ISREG(st.st_mode))
 
 
 def count_files(path: Path) -> int:
@@ -585,6 +581,7 @@ class _Builder:
         self.image_opts = opts.apply if opts.apply is not None else ApplyOptions()
         self.artifact_opts = dataclasses.replace(self.image_opts, whiteouts=False)
         self.root_fd = os.open(root, _DIR_FLAGS)
+        os.fchmod(self.root_fd, 0o755)  # the root's mode unless a layer declares `./`
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -857,7 +854,8 @@ class _Builder:
         return True
 
     def _metadata_mode(self, layer: Descriptor, what: str) -> int | None:
-        """The read-only mode a raw ModelPack file should have, or None when 0o444 (a hard link)."""
+        """The mode a raw ModelPack file declares, or None when its read-only part is 0o444 (the file
+        is then a hard link to the 0o444 blob; any other mode, an executable, a copy with that mode)."""
         raw = layer.annotations.get(mt.ANN_CNCF_FILE_METADATA)
         if not raw:
             return None
@@ -872,8 +870,8 @@ class _Builder:
         if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
             self.warn(f"{what}: invalid file mode {mode!r} in {mt.ANN_CNCF_FILE_METADATA} ignored")
             return None
-        eff = mode & 0o777 & ~0o222
-        return None if eff == 0o444 else eff
+        eff = mode & 0o777
+        return None if eff & ~0o222 == 0o444 else eff  # 0o644 & co: the blob's 0o444, a hard link
 
     def modelpack(self) -> None:
         for i, layer in enumerate(self.m.layers):

@@ -84,7 +84,7 @@ def mount(
     stream: bool = True,
     **pull_kwargs: Any,
 ) -> MountResult:
-    """Mount `ref` read-only at `target` (bind mount as root, else a read-only hard-link tree).
+    """Mount `ref` read-only at `target` (a read-only bind mount as root, else a private copy).
 
     Content is pulled per `pull_policy`, materialized once into a snapshot shared by every volume of
     the same manifest, and held by a lease until :func:`unmount`. `max_ratio` / `max_size` bound how
@@ -128,7 +128,7 @@ def mount(
                 for w in res.warnings:
                     _warn(w)
                 snap = materialize(store, res.manifest, options=options_m, warn=_warn)
-            vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath)
+            vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath, warn=_warn)
         finally:
             store.meta.remove_lease(lease)
     return MountResult(vol, res, snap, time.monotonic() - t0, warnings, streamed)

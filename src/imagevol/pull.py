@@ -739,8 +739,9 @@ def pull(
 
 def export_layout(store: Store, result: PullResult, dest: str | LayoutReference) -> Descriptor:
     """Write the pulled manifest and its blobs into an OCI layout (`oci:DIR[:TAG]`), as `skopeo copy`
-    without `--all` does: the tag names the manifest chosen for the node. Blobs are hard links to
-    the store's verified files where the file system allows (else verified copies)."""
+    without `--all` does: the tag names the manifest chosen for the node. Blobs are files of the
+    layout's own: reflinks of the store's verified files where the file systems allow, else
+    in-kernel copies; never hard links (a writable name for an inode the store serves from)."""
     from .sinks.layout import LayoutSink
 
     ref = parse_any(dest) if isinstance(dest, str) else dest
@@ -752,7 +753,7 @@ def export_layout(store: Store, result: PullResult, dest: str | LayoutReference)
         if d.data is not None and not store.has_blob(d.digest):
             sink.put_blob_bytes(d.data, d.digest)
         else:
-            sink.put_blob_file(store.blob_path(d.digest), d.digest, d.size, mode="link")
+            sink.put_blob_file(store.blob_path(d.digest), d.digest, d.size, mode="clone")
     desc = sink.put_manifest(m.raw, m.media_type)
     sink.tag(desc, ref.tag)
     return desc

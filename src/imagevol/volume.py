@@ -7,20 +7,31 @@ Modes:
     executables in the volume run, as with CRI-O's image volumes). Writes fail with EROFS. Instant,
     whatever the size. Needs root (mount(2) through libc; no mount(8) binary needed).
 ``hardlink``
-    A tree of hard links to the snapshot's files, directories recreated and then made read-only like
-    their originals, symlinks recreated. Links share the inode, and with it the read-only mode of
-    the sealed snapshot. No file data is written. Needs the target on the store's file system.
+    Kept for compatibility; it never links into the store any more (a hard link shares the store's
+    inode: whoever may write it, root or the file's owner after ``chmod u+w``, would change the
+    verified blob or the shared snapshot). As root it is a ``bind`` volume; without root a ``copy``
+    (reflinked where the file system allows), with a warning when bytes had to be copied.
 ``copy``
-    A full copy (in-kernel ``copy_file_range`` where possible), modes a-w like the snapshot.
+    A private tree: each file a reflink (``FICLONE``: a copy-on-write inode of its own, no data
+    written) where the target and the store share a file system that supports it, else a copy
+    (in-kernel ``copy_file_range`` where possible). Modes as the snapshot declares them, minus
+    setuid/setgid (a copy is outside any nosuid mount).
 ``auto``
-    ``bind`` when running as root, else ``hardlink``.
+    ``bind`` when running as root, else ``copy``.
 
 The target is created if missing (parents too); if it exists it must be an empty directory (or,
 for a sub path naming a file, a missing path — or for ``bind`` an empty file). Creating the same
 ref/digest/sub path on the same target again returns the existing volume. Each volume is recorded
 in the store's metadata (``Meta.add_volume``) with a lease ``volume:<id>`` on its manifest so gc
 keeps its content; facts the table has no column for (sub path, whether imagevol created the
-target) are kept in ``R/volumes/<id>.json``.
+target, the device and inode of the target and of the mounted root) are kept in
+``R/volumes/<id>.json``.
+
+Targets are never reached through a symbolic link after the target was canonicalized: the parent
+is opened from ``/`` one component at a time with ``O_NOFOLLOW`` (missing directories created on
+the way), the target is created, mounted on and filled through descriptors, and :func:`remove_volume`
+walks the same way and removes only what the record proves imagevol made (device and inode);
+``umount2`` gets ``UMOUNT_NOFOLLOW`` and a path through the parent's descriptor.
 
 :func:`list_volumes` reconciles records with ``/proc/self/mountinfo``: a bind volume whose mount is
 gone (reboot, manual umount) is reported ``mounted=False``; :func:`reconcile` drops such records.
@@ -37,12 +48,14 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .digest import Digest
 from .errors import BusyError, ImagevolError, NotFoundError, StoreError, UsageError
+from .fsutil import reflink
 from .materialize import Snapshot, copy_fd, force_rmtree
 from .store import Store, VolumeRecord
 from .store.meta import pid_alive
@@ -112,8 +125,11 @@ def _mount(source: str | None, target: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), target)
 
 
-def _umount(target: str) -> None:
-    if _libc().umount2(os.fsencode(target), 0) != 0:
+UMOUNT_NOFOLLOW = 8
+
+
+def _umount(target: str, flags: int = 0) -> None:
+    if _libc().umount2(os.fsencode(target), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), target)
 
@@ -133,16 +149,38 @@ def _unescape(field: bytes) -> str:
 
 def mountpoints() -> set[str]:
     """Mount points of this mount namespace (``/proc/self/mountinfo``)."""
-    out: set[str] = set()
+    return {point for _, _, point in _mount_table()}
+
+
+def _mount_table() -> list[tuple[int, str, str]]:
+    """(mount id, root of the mount inside its file system, mount point) of every mount."""
+    out: list[tuple[int, str, str]] = []
     try:
         with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split(b" ")
-                if len(fields) > 4:
-                    out.add(_unescape(fields[4]))
+                if len(fields) > 4 and fields[0].isdigit():
+                    out.append((int(fields[0]), _unescape(fields[3]), _unescape(fields[4])))
     except OSError:
         pass
     return out
+
+
+def _mount_entry(target: Path) -> dict[str, Any] | None:
+    """The mount id and root of the mount on top of ``target`` (the last one mounted there)."""
+    found = [(mid, root) for mid, root, point in _mount_table() if point == os.fspath(target)]
+    return {"id": found[-1][0], "root": found[-1][1]} if found else None
+
+
+def _bind_mounted(target: str, side: dict[str, Any], mounts: set[str]) -> bool:
+    """Whether a bind volume is still mounted: at its path, or (a parent renamed by whoever owns
+    it) wherever its mount, recognized by the mount id and root recorded at mount time, now is."""
+    if target in mounts:
+        return True
+    m = side.get("mount")
+    if not isinstance(m, dict):
+        return False
+    return any(mid == m.get("id") and root == m.get("root") for mid, root, _ in _mount_table())
 
 
 # The new mount API (Linux >= 5.12; the same syscall numbers on every architecture): a detached
@@ -150,7 +188,7 @@ def mountpoints() -> set[str]:
 # writable mount, not even for an instant, and a kill leaves either no mount or a read-only one.
 _SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
 _OPEN_TREE_CLONE, _AT_EMPTY_PATH, _AT_FDCWD = 1, 0x1000, -100
-_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOVE_MOUNT_F_EMPTY_PATH, _MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 
 
@@ -163,8 +201,9 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
-def _bind_ro_atomic(src: str, tgt: str) -> bool:
-    """Attach a read-only clone of `src` at `tgt` in one step; False when the kernel lacks the API."""
+def _bind_ro_atomic(src: str, tgt: str, tgt_fd: int) -> bool:
+    """Attach a read-only clone of `src` on the file or directory open as `tgt_fd` (whose path is
+    `tgt`, for messages) in one step; False when the kernel lacks the API."""
     libc = _libc()
     libc.syscall.restype = ctypes.c_long
     fd = libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, os.fsencode(src), _OPEN_TREE_CLONE | os.O_CLOEXEC)
@@ -180,7 +219,8 @@ def _bind_ro_atomic(src: str, tgt: str) -> bool:
             if e in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
                 return False
             raise OSError(e, os.strerror(e), src)
-        if libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, os.fsencode(tgt), _MOVE_MOUNT_F_EMPTY_PATH) < 0:
+        how = _MOVE_MOUNT_F_EMPTY_PATH | _MOVE_MOUNT_T_EMPTY_PATH
+        if libc.syscall(_SYS_MOVE_MOUNT, fd, b"", tgt_fd, b"", how) < 0:
             e = ctypes.get_errno()
             raise OSError(e, os.strerror(e), tgt)
         return True
@@ -188,10 +228,12 @@ def _bind_ro_atomic(src: str, tgt: str) -> bool:
         os.close(fd)
 
 
-def _bind(source: Path, target: Path) -> None:
+def _bind(source: Path, target: Path, target_fd: int) -> None:
+    """Bind ``source`` read-only on ``target``, open as ``target_fd`` (the mount goes on that very
+    inode, whatever the path names by now)."""
     src, tgt = os.fspath(source), os.fspath(target)
     try:
-        if _bind_ro_atomic(src, tgt):
+        if _bind_ro_atomic(src, tgt, target_fd):
             return
     except OSError as e:
         raise ImagevolError(
@@ -199,7 +241,7 @@ def _bind(source: Path, target: Path) -> None:
             hint="bind mounts need root (CAP_SYS_ADMIN); use --mode hardlink or --mode copy otherwise",
         ) from None
     try:
-        _mount(src, tgt, MS_BIND)
+        _mount(src, f"/proc/self/fd/{target_fd}", MS_BIND)
     except OSError as e:
         raise ImagevolError(
             f"cannot bind-mount the volume at {tgt}: {e.strerror}",
@@ -236,10 +278,71 @@ def _normalize_subpath(subpath: str) -> str:
     return "/".join(parts)
 
 
+# openat2(2) (Linux >= 5.6; one number on every architecture that has it)
+_SYS_OPENAT2 = 437
+RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x01, 0x02, 0x04, 0x08
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_DIR = _PATH_FLAGS | os.O_DIRECTORY
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _openat2(dir_fd: int, path: str, flags: int, resolve: int) -> int | None:
+    """openat2(2) through libc's syscall(); None when the kernel (or a seccomp filter) lacks it."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(flags, 0, resolve)
+    fd = libc.syscall(
+        _SYS_OPENAT2, ctypes.c_int(dir_fd), os.fsencode(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))
+    )
+    if fd < 0:
+        e = ctypes.get_errno()
+        if e in (errno.ENOSYS, errno.EPERM):
+            return None
+        raise OSError(e, os.strerror(e), path)
+    return int(fd)
+
+
+def _lstat_beneath(root_fd: int, parts: list[str]) -> os.stat_result:
+    """The lstat of ``parts`` below the directory ``root_fd``, reached without following any symbolic
+    link, magic link or mount (``openat2`` with ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS``, else one
+    ``O_NOFOLLOW`` component at a time). OSError for anything else, a final symlink included."""
+    fd = _openat2(
+        root_fd,
+        "/".join(parts),
+        _PATH_FLAGS,
+        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV,
+    )
+    if fd is None:
+        fd = os.dup(root_fd)
+        try:
+            for c in parts[:-1]:
+                nfd = os.open(c, _PATH_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            nfd = os.open(parts[-1], _PATH_FLAGS, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nfd
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if st.st_dev != os.fstat(root_fd).st_dev:
+        raise OSError(errno.EXDEV, "on another file system")
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "a symbolic link")
+    return st
+
+
 def resolve_subpath(snapshot: Path, subpath: str, *, artifact: bool, ref: str) -> Path:
-    """The path of ``subpath`` inside ``snapshot``, walked one component at a time without following
-    any link: a symlink component is refused (as CRI-O does), a missing one is an error naming the
-    sub path and the volume; ``..`` is refused."""
+    """The path of ``subpath`` inside ``snapshot``, resolved inside the snapshot only: no symbolic
+    link is followed, not even one that stays inside (as CRI-O refuses them). Every sub path that
+    does not name a file or directory reached that way (missing, through or at a symlink, under a
+    file) gets one and the same error, so the answer tells nothing about what lies outside the
+    snapshot; ``..`` is refused before anything is looked up."""
     kind = "OCI artifact volume" if artifact else "image volume"
     if "\0" in subpath:
         raise UsageError(f'sub path "{subpath}" contains a NUL byte')
@@ -249,65 +352,76 @@ def resolve_subpath(snapshot: Path, subpath: str, *, artifact: bool, ref: str) -
             f'sub path "{subpath}" must not contain ".." in {kind} "{ref}"',
             hint="a sub path is relative to the volume root and cannot leave it",
         )
+    if not parts:
+        return Path(snapshot)
     fd = os.open(snapshot, _DIR_FLAGS)
     try:
-        for i, c in enumerate(parts):
-            try:
-                st = os.stat(c, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                raise ImagevolError(f'sub path "{subpath}" does not exist in {kind} "{ref}"') from None
-            except NotADirectoryError:
-                raise ImagevolError(f'sub path "{subpath}" does not exist in {kind} "{ref}"') from None
-            if stat.S_ISLNK(st.st_mode):
-                raise ImagevolError(
-                    f'sub path "{subpath}" passes through a symbolic link ("{"/".join(parts[: i + 1])}") '
-                    f'in {kind} "{ref}"',
-                    hint="symlinks are not followed in sub paths (they could leave the volume)",
-                )
-            if i == len(parts) - 1:
-                break
-            if not stat.S_ISDIR(st.st_mode):
-                raise ImagevolError(f'sub path "{subpath}" does not exist in {kind} "{ref}"')
-            nfd = os.open(c, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
+        st = _lstat_beneath(fd, parts)
+        ok = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+    except OSError:
+        ok = False
     finally:
         os.close(fd)
+    if not ok:
+        raise ImagevolError(
+            f'sub path "{subpath}" does not exist in {kind} "{ref}"',
+            hint="a sub path names a file or directory inside the volume, reached without symbolic links",
+        )
     return Path(snapshot, *parts)
 
 
 # --------------------------------------------------------------------------------------------------
-# trees (hardlink and copy modes)
+# trees (copy mode; hardlink without root)
 
 
-# Hard-link and copy volumes live outside any nosuid mount: setuid/setgid files are copied
-# without those bits instead of linked (the snapshot under the 0700 store root keeps them).
+# Copy volumes live outside any nosuid mount: setuid/setgid files are copied without those bits
+# (the snapshot under the 0700 store root keeps them).
 _SETID = stat.S_ISUID | stat.S_ISGID
+
+
+@dataclass
+class _Copied:
+    """How the files of a tree were made: reflinks (no data written) or copies."""
+
+    cloned: int = 0
+    copied: int = 0
+
+
+def _copy_into(sfd: int, dfd: int, counts: _Copied) -> None:
+    if reflink(sfd, dfd):
+        counts.cloned += 1
+    else:
+        copy_fd(sfd, dfd)
+        counts.copied += 1
 
 
 def _replicate(
     src_fd: int,
     dst_fd: int,
-    how: str,
     as_root: bool,
+    counts: _Copied,
+    root_fd: int,
     dst_path: str = "",
     seen: dict[tuple[int, int], str] | None = None,
 ) -> None:
-    """Recreate the content of directory ``src_fd`` in the empty directory ``dst_fd`` (whose path is
-    ``dst_path``). Copies keep hard links: a file with several names is copied once, then linked."""
+    """Recreate the content of directory ``src_fd`` in the empty directory ``dst_fd`` (whose path
+    is ``dst_path`` below the volume root ``root_fd``). Files are private inodes (reflinks or copies)
+    with the snapshot's modes minus setuid/setgid. Hard links are kept: a file with several names
+    is copied once, then linked inside the volume."""
     seen = {} if seen is None else seen
     for name in sorted(os.listdir(src_fd)):
         st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
         mode = stat.S_IMODE(st.st_mode)
+        rel = os.path.join(dst_path, name) if dst_path else name
         if stat.S_ISDIR(st.st_mode):
             os.mkdir(name, 0o700, dir_fd=dst_fd)
             sfd = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
             dfd = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
             try:
-                _replicate(sfd, dfd, how, as_root, os.path.join(dst_path, name) if dst_path else "", seen)
+                _replicate(sfd, dfd, as_root, counts, root_fd, rel, seen)
                 if as_root:
                     os.fchown(dfd, st.st_uid, st.st_gid)
-                os.fchmod(dfd, mode & ~0o222)
+                os.fchmod(dfd, mode)
                 os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(sfd)
@@ -316,23 +430,21 @@ def _replicate(
             os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
             if as_root:
                 os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
-        elif how == "hardlink" and not (st.st_mode & _SETID):
-            os.link(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
         elif stat.S_ISREG(st.st_mode):
-            first = seen.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 and dst_path else None
+            first = seen.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
             if first is not None:
-                os.link(first, name, dst_dir_fd=dst_fd, follow_symlinks=False)
+                os.link(first, name, src_dir_fd=root_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
                 continue
-            if st.st_nlink > 1 and dst_path:
-                seen[(st.st_dev, st.st_ino)] = os.path.join(dst_path, name)
+            if st.st_nlink > 1:
+                seen[(st.st_dev, st.st_ino)] = rel
             sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
             try:
                 dfd = os.open(name, _NEW_FILE, 0o600, dir_fd=dst_fd)
                 try:
-                    copy_fd(sfd, dfd)
+                    _copy_into(sfd, dfd, counts)
                     if as_root:
                         os.fchown(dfd, st.st_uid, st.st_gid)
-                    os.fchmod(dfd, mode & ~0o222 & ~_SETID)  # outside a nosuid mount: no setuid
+                    os.fchmod(dfd, mode & ~_SETID)  # outside a nosuid mount: no setuid
                     os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
                 finally:
                     os.close(dfd)
@@ -340,61 +452,32 @@ def _replicate(
                 os.close(sfd)
         else:  # device nodes and FIFOs: recreated when allowed, else left out
             with contextlib.suppress(OSError):
-                os.mknod(name, stat.S_IFMT(st.st_mode) | (mode & ~0o222), st.st_rdev, dir_fd=dst_fd)
+                os.mknod(name, stat.S_IFMT(st.st_mode) | mode, st.st_rdev, dir_fd=dst_fd)
 
 
-def _copy_file(src: Path, dst: Path, how: str) -> None:
-    st = os.stat(src, follow_symlinks=False)
-    if how == "hardlink" and not (st.st_mode & _SETID):
-        os.link(src, dst, follow_symlinks=False)
-        return
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dfd = os.open(dst, _NEW_FILE, 0o600)
-        try:
-            copy_fd(sfd, dfd)
-            os.fchmod(dfd, stat.S_IMODE(st.st_mode) & ~0o222 & ~_SETID)
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
-
-
-def _fill(source: Path, target: Path, how: str, is_dir: bool) -> None:
+def _fill(source: Path, target: Path, target_fd: int, is_dir: bool) -> _Copied:
+    """Fill the target (open as ``target_fd``: an empty directory, or for a file source an empty
+    file imagevol created) with private copies of ``source``."""
+    counts = _Copied()
     try:
         if not is_dir:
-            _copy_file(source, target, how)
-            return
+            st = os.stat(source, follow_symlinks=False)
+            sfd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                _copy_into(sfd, target_fd, counts)
+            finally:
+                os.close(sfd)
+            os.fchmod(target_fd, stat.S_IMODE(st.st_mode) & ~_SETID)
+            return counts
         sfd = os.open(source, _DIR_FLAGS)
         try:
-            dfd = os.open(target, _DIR_FLAGS)
-            try:
-                _replicate(sfd, dfd, how, os.geteuid() == 0, os.fspath(target))
-                os.fchmod(dfd, stat.S_IMODE(os.fstat(sfd).st_mode) & ~0o222)
-            finally:
-                os.close(dfd)
+            _replicate(sfd, target_fd, os.geteuid() == 0, counts, target_fd)
+            os.fchmod(target_fd, stat.S_IMODE(os.fstat(sfd).st_mode))
         finally:
             os.close(sfd)
     except OSError as e:
-        if how == "hardlink" and e.errno == errno.EXDEV:
-            raise ImagevolError(
-                f"cannot hard-link the volume into {target}: it is on another file system than the store",
-                hint="put the target on the store's file system, or use --mode copy (or bind, as root)",
-            ) from None
-        raise ImagevolError(f"cannot {how} the volume into {target}: {e.strerror or e}") from None
-
-
-def _empty_tree(target: Path) -> None:
-    """Remove everything inside the directory ``target`` (which stays)."""
-    fd = os.open(target, _DIR_FLAGS)
-    try:
-        st = os.fstat(fd)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
-        names = os.listdir(fd)
-    finally:
-        os.close(fd)
-    for name in names:
-        force_rmtree(target / name)
+        raise ImagevolError(f"cannot copy the volume into {target}: {e.strerror or e}") from None
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,9 +526,9 @@ def _canonical(target: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(target))))
 
 
-def _is_mounted(rec: VolumeRecord, mounts: set[str]) -> bool:
+def _is_mounted(rec: VolumeRecord, mounts: set[str], side: dict[str, Any] | None = None) -> bool:
     if rec.mode == "bind":
-        return rec.target in mounts
+        return _bind_mounted(rec.target, side if side is not None else {}, mounts)
     return os.path.lexists(rec.target)
 
 
@@ -461,7 +544,7 @@ def _volume(store: Store, rec: VolumeRecord, mounts: set[str]) -> Volume:
         mode=rec.mode,
         subpath=sub if isinstance(sub, str) and sub else None,
         created_at=rec.created_at,
-        mounted=_is_mounted(rec, mounts),
+        mounted=_is_mounted(rec, mounts, side),
     )
 
 
@@ -471,18 +554,72 @@ def _forget(store: Store, rec: VolumeRecord) -> None:
     _drop_sidecar(store, rec.id)
 
 
-def _prepare_target(target: Path, *, source_is_dir: bool, mode: str, mounts: set[str]) -> tuple[bool, int | None]:
-    """Make the target ready; returns (created by us, original mode of an existing directory)."""
+# --------------------------------------------------------------------------------------------------
+# targets: reached from "/" without following symlinks, identified by device and inode
+
+
+def _ident(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino]
+
+
+def _recorded_ident(value: Any) -> list[int] | None:
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return value
+    return None
+
+
+def _path_changed(target: Path, what: str) -> ImagevolError:
+    return ImagevolError(
+        f"the volume at {target} cannot be reached safely: {what}; nothing was changed",
+        hint="imagevol never follows a symbolic link to a volume target and removes only what it made; "
+        "restore the path it was mounted at (or remove the volume there by hand), then retry",
+    )
+
+
+def _open_parent(target: Path, *, create: bool) -> int:
+    """A descriptor (O_PATH) of ``target``'s parent directory, reached from ``/`` one component at a
+    time without following any symbolic link; missing directories are created (0o755) when
+    ``create``. FileNotFoundError when a component is missing and not ``create``."""
+    parts = target.parts[1:-1]
+    fd = os.open("/", _PATH_DIR)
     try:
-        st = os.stat(target, follow_symlinks=False)
+        for i, c in enumerate(parts):
+            try:
+                nfd = os.open(c, _PATH_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(c, 0o755, dir_fd=fd)
+                nfd = os.open(c, _PATH_DIR, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    where = "/" + "/".join(parts[: i + 1])
+                    raise _path_changed(target, f"{where} is a symbolic link or not a directory") from None
+                raise
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _prepare_target(
+    pfd: int, target: Path, *, source_is_dir: bool, mode: str, mounts: set[str]
+) -> tuple[bool, int | None]:
+    """Make the target (``target.name`` in the directory ``pfd``) ready: an empty directory, or for
+    a file source an empty file; returns (created by us, original mode of an existing directory)."""
+    name = target.name
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
     except FileNotFoundError:
         st = None
     if st is None:
-        target.parent.mkdir(parents=True, exist_ok=True)
         if source_is_dir:
-            os.mkdir(target, 0o755)
-        elif mode == "bind":
-            os.close(os.open(target, _NEW_FILE, 0o444))
+            os.mkdir(name, 0o755, dir_fd=pfd)
+        else:
+            os.close(os.open(name, _NEW_FILE, 0o444 if mode == "bind" else 0o600, dir_fd=pfd))
         return True, None
     if source_is_dir:
         if not stat.S_ISDIR(st.st_mode):
@@ -490,7 +627,12 @@ def _prepare_target(target: Path, *, source_is_dir: bool, mode: str, mounts: set
                 f"target {target} exists and is not a directory",
                 hint="mount the volume on an empty directory or a path that does not exist yet",
             )
-        if os.listdir(target):
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            full = bool(os.listdir(fd))
+        finally:
+            os.close(fd)
+        if full:
             raise ImagevolError(
                 f"target {target} is not empty",
                 hint="mount the volume on an empty directory or a path that does not exist yet",
@@ -506,25 +648,94 @@ def _prepare_target(target: Path, *, source_is_dir: bool, mode: str, mounts: set
     )
 
 
-def _undo_target(target: Path, *, created: bool, orig_mode: int | None, is_dir: bool) -> None:
-    with contextlib.suppress(OSError, ImagevolError):
-        if is_dir and target.is_dir() and not target.is_symlink():
-            _empty_tree(target)
+def _open_target(pfd: int, target: Path, is_dir: bool, mode: str) -> int:
+    flags = _DIR_FLAGS if is_dir else (_PATH_FLAGS if mode == "bind" else os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.open(target.name, flags, dir_fd=pfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise _path_changed(target, "it was replaced by a symbolic link or another kind of file") from None
+        raise
+
+
+def _teardown(target: Path, mode: str, side: dict[str, Any]) -> None:
+    """Undo the volume at ``target``: unmount (bind) or empty (trees) it, then remove the target
+    if imagevol created it, all through descriptors of the parent reached without symlinks, and
+    only after the device and inode recorded at mount time match. ImagevolError (nothing changed)
+    when they do not, or the path now passes through a symlink."""
+    created = bool(side.get("created_target"))
+    is_dir = side.get("is_dir", True) is not False
+    orig_mode = side.get("target_mode") if isinstance(side.get("target_mode"), int) else None
+    target_id = _recorded_ident(side.get("target_id"))
+    mounted_id = _recorded_ident(side.get("mounted_id"))
+    mounted = _bind_mounted(os.fspath(target), side, mountpoints()) if mode == "bind" else False
+    try:
+        pfd = _open_parent(target, create=False)
+    except FileNotFoundError:
+        if mode == "bind" and mounted:
+            raise _path_changed(target, "a directory on its path is missing") from None
+        return  # nothing of the volume is left
+    name = target.name
+    try:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            if mode == "bind" and mounted:
+                raise _path_changed(target, "it is missing") from None
+            return
+        if mode == "bind":
+            if mounted:
+                if mounted_id is not None and _ident(st) != mounted_id:
+                    raise _path_changed(target, "what is mounted there is not this volume")
+                try:
+                    _umount(f"/proc/self/fd/{pfd}/{name}", UMOUNT_NOFOLLOW)
+                except OSError as e:
+                    if e.errno == errno.EBUSY:
+                        raise BusyError(
+                            f"volume at {target} is busy: a process still uses it",
+                            hint=f"stop what uses it (`fuser -vm {target}` shows it), then retry",
+                        ) from None
+                    if e.errno != errno.EINVAL:  # EINVAL: not mounted any more
+                        raise ImagevolError(f"cannot unmount {target}: {e.strerror}") from None
             if created:
-                os.rmdir(target)
-            elif orig_mode is not None:
-                os.chmod(target, orig_mode)
-        elif created:
-            os.unlink(target)
+                _remove_ours(pfd, target, is_dir, target_id)
+            return
+        # a tree: the target directory (or file) imagevol filled
+        if target_id is not None and _ident(st) != target_id:
+            raise _path_changed(target, "the file there is not the one imagevol made")
+        if not is_dir:
+            if created:
+                _remove_ours(pfd, target, is_dir, target_id)
+            return
+        tfd = _open_target(pfd, target, True, mode)
+        try:
+            if target_id is not None and _ident(os.fstat(tfd)) != target_id:
+                raise _path_changed(target, "the directory there is not the one imagevol made")
+            os.fchmod(tfd, stat.S_IMODE(os.fstat(tfd).st_mode) | 0o700)
+            for child in os.listdir(tfd):
+                force_rmtree(f"/proc/self/fd/{tfd}/{child}")
+            if not created and orig_mode is not None:
+                os.fchmod(tfd, orig_mode)
+        finally:
+            os.close(tfd)
+        if created:
+            _remove_ours(pfd, target, is_dir, target_id)
+    finally:
+        os.close(pfd)
 
 
-def _remove_created(target: Path, is_dir: bool) -> None:
-    """Remove the (empty) mount point imagevol created for a bind volume."""
-    with contextlib.suppress(OSError):
+def _remove_ours(pfd: int, target: Path, is_dir: bool, target_id: list[int] | None) -> None:
+    """Remove the target imagevol created (an empty directory or a file), if it is still that one."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(target.name, dir_fd=pfd, follow_symlinks=False)
+        if target_id is not None and _ident(st) != target_id:
+            return  # not what imagevol made: left in place
         if is_dir:
-            os.rmdir(target)
-        else:
-            os.unlink(target)
+            if stat.S_ISDIR(st.st_mode):
+                with contextlib.suppress(OSError):
+                    os.rmdir(target.name, dir_fd=pfd)
+        elif not stat.S_ISDIR(st.st_mode):
+            os.unlink(target.name, dir_fd=pfd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,12 +750,17 @@ def create_volume(
     ref: str,
     mode: str = "auto",
     subpath: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Volume:
-    """Make ``snapshot`` (or its ``subpath``) visible read-only at ``target``; see the module docs."""
+    """Make ``snapshot`` (or its ``subpath``) visible read-only at ``target``; see the module docs.
+    ``warn`` hears when ``hardlink`` was asked for and bytes had to be copied."""
     if mode not in MODES:
         raise UsageError(f"invalid volume mode {mode!r}", hint="mode must be one of: " + ", ".join(MODES))
-    how = ("bind" if os.geteuid() == 0 else "hardlink") if mode == "auto" else mode
+    # Never a hard link into the store: root gets a read-only bind, everyone else a private tree.
+    how = mode if mode in ("bind", "copy") else ("bind" if os.geteuid() == 0 else "copy")
     tgt = _canonical(target)
+    if tgt == Path("/"):
+        raise UsageError("the target of a volume cannot be /")
     artifact = snapshot.flavour != "image"
     sub = _normalize_subpath(subpath) if subpath else ""
     source = resolve_subpath(snapshot.path, sub, artifact=artifact, ref=ref) if sub else Path(snapshot.path)
@@ -563,7 +779,7 @@ def create_volume(
                 and (rec.ref or "") == ref
                 and (existing.subpath or "") == sub
                 and rec.snapshot_key == snapshot.key
-                and (mode == "auto" or rec.mode == how)
+                and rec.mode == how
             )
             if existing.mounted and same:
                 return existing
@@ -573,35 +789,56 @@ def create_volume(
                     hint="unmount that volume first, or choose another target",
                 )
             _forget(store, rec)  # stale record: its mount or tree is gone
-        created, orig_mode = _prepare_target(tgt, source_is_dir=source_is_dir, mode=how, mounts=mounts)
-        # Record first, then mount: a kill in between leaves a record without a mount (`volumes`
-        # shows it gone; `unmount` or `volumes --prune` clears it), never a mount nobody knows.
-        volume_id = secrets.token_hex(8)
-        side = {"subpath": sub, "created_target": created, "target_mode": orig_mode, "is_dir": source_is_dir}
+        pfd = _open_parent(tgt, create=True)
         try:
-            # "mounting" until done: a record left so by a killed process (whose pid is gone) is
-            # dropped by the next listing instead of showing up as a half-made volume.
-            _write_sidecar(store, volume_id, {**side, "state": "mounting", "pid": os.getpid()})
-            rec = meta.add_volume(volume_id, os.fspath(tgt), ref, snapshot.digest, snapshot.key, how)
-            meta.add_lease(f"volume:{volume_id}", [snapshot.digest], kind="volume")
-            if how == "bind":
-                _bind(source, tgt)
-            else:
-                _fill(source, tgt, how, source_is_dir)
-            _write_sidecar(store, volume_id, {**side, "state": "ready"})
-        except BaseException:
-            with contextlib.suppress(Exception):
-                meta.remove_volume(volume_id)
-                meta.remove_lease(f"volume:{volume_id}")
-            _drop_sidecar(store, volume_id)
-            if how == "bind":
-                with contextlib.suppress(OSError):
-                    _umount(os.fspath(tgt))
-                if created:
-                    _remove_created(tgt, source_is_dir)
-            else:
-                _undo_target(tgt, created=created, orig_mode=orig_mode, is_dir=source_is_dir)
-            raise
+            created, orig_mode = _prepare_target(pfd, tgt, source_is_dir=source_is_dir, mode=how, mounts=mounts)
+            # Record first, then mount: a kill in between leaves a record without a mount (`volumes`
+            # shows it gone; `unmount` or `volumes --prune` clears it), never a mount nobody knows.
+            volume_id = secrets.token_hex(8)
+            side: dict[str, Any] = {
+                "subpath": sub,
+                "created_target": created,
+                "target_mode": orig_mode,
+                "is_dir": source_is_dir,
+            }
+            tfd = -1
+            try:
+                tfd = _open_target(pfd, tgt, source_is_dir, how)
+                side["target_id"] = _ident(os.fstat(tfd))
+                # "mounting" until done: a record left so by a killed process (whose pid is gone) is
+                # dropped by the next listing instead of showing up as a half-made volume.
+                _write_sidecar(store, volume_id, {**side, "state": "mounting", "pid": os.getpid()})
+                rec = meta.add_volume(volume_id, os.fspath(tgt), ref, snapshot.digest, snapshot.key, how)
+                meta.add_lease(f"volume:{volume_id}", [snapshot.digest], kind="volume")
+                if how == "bind":
+                    _bind(source, tgt, tfd)
+                    side["mounted_id"] = _ident(os.stat(tgt.name, dir_fd=pfd, follow_symlinks=False))
+                    side["mount"] = _mount_entry(tgt)
+                else:
+                    counts = _fill(source, tgt, tfd, source_is_dir)
+                    if mode == "hardlink" and counts.copied and warn is not None:
+                        warn(
+                            f"--mode hardlink made a copy at {tgt} ({counts.copied} file(s) copied, "
+                            f"{counts.cloned} reflinked): volumes never share the store's inodes without a "
+                            "read-only mount (bind, as root)"
+                        )
+                _write_sidecar(store, volume_id, {**side, "state": "ready"})
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    meta.remove_volume(volume_id)
+                    meta.remove_lease(f"volume:{volume_id}")
+                _drop_sidecar(store, volume_id)
+                if tfd >= 0:
+                    os.close(tfd)
+                    tfd = -1
+                with contextlib.suppress(OSError, ImagevolError):
+                    _teardown(tgt, how, side)
+                raise
+            finally:
+                if tfd >= 0:
+                    os.close(tfd)
+        finally:
+            os.close(pfd)
         return Volume(
             id=volume_id,
             target=tgt,
@@ -616,44 +853,25 @@ def create_volume(
 
 
 def remove_volume(store: Store, target: str | os.PathLike[str]) -> Volume:
-    """Unmount (bind) or delete (hardlink, copy) the volume at ``target`` and drop its record and
-    lease. NotFoundError if no volume is recorded there; BusyError if the mount is busy."""
+    """Unmount (bind) or delete (copy, and trees of the old hardlink mode) the volume at ``target``
+    and drop its record and lease. NotFoundError if no volume is recorded there; BusyError if the
+    mount is busy; ImagevolError, with everything left in place, if the path to the target now
+    passes through a symbolic link or leads to something imagevol did not make."""
+    abs_target = Path(os.path.abspath(os.fspath(target)))
     tgt = _canonical(target)
-    with store.lock(_target_lock(tgt)):
-        meta = store.meta
-        rec = meta.get_volume_by_target(os.fspath(tgt))
-        if rec is None:
-            alt = os.path.abspath(os.fspath(target))
-            rec = meta.get_volume_by_target(alt) if alt != os.fspath(tgt) else None
+    meta = store.meta
+    # The recorded path first: a symlink swapped into it must not redirect the lookup elsewhere.
+    key = abs_target if meta.get_volume_by_target(os.fspath(abs_target)) is not None else tgt
+    with store.lock(_target_lock(key)):
+        rec = meta.get_volume_by_target(os.fspath(key))
         if rec is None:
             raise NotFoundError(
                 f"no imagevol volume is recorded at {target}",
                 hint="only volumes imagevol created can be removed; list_volumes() shows them",
             )
         side = _read_sidecar(store, rec.id)
-        created = bool(side.get("created_target"))
-        is_dir = side.get("is_dir", True) is not False
-        orig_mode = side.get("target_mode") if isinstance(side.get("target_mode"), int) else None
         path = Path(rec.target)
-        if rec.mode == "bind":
-            if rec.target in mountpoints():
-                try:
-                    _umount(rec.target)
-                except OSError as e:
-                    if e.errno == errno.EBUSY:
-                        raise BusyError(
-                            f"volume at {rec.target} is busy: a process still uses it",
-                            hint=f"stop what uses it (`fuser -vm {rec.target}` shows it), then retry",
-                        ) from None
-                    if e.errno != errno.EINVAL:  # EINVAL: not mounted any more
-                        raise ImagevolError(f"cannot unmount {rec.target}: {e.strerror}") from None
-            if created:
-                _remove_created(path, is_dir)
-        elif os.path.lexists(path):
-            try:
-                _undo_target(path, created=created, orig_mode=orig_mode, is_dir=is_dir)
-            except OSError as e:
-                raise ImagevolError(f"cannot remove the volume tree at {rec.target}: {e.strerror}") from None
+        _teardown(path, rec.mode, side)
         _forget(store, rec)
         return Volume(
             id=rec.id,
@@ -679,7 +897,7 @@ def _abandoned(store: Store, rec: VolumeRecord, mounts: set[str]) -> bool:
 
 def list_volumes(store: Store) -> list[Volume]:
     """Every recorded volume; ``mounted`` from ``/proc/self/mountinfo`` (bind) or the target's
-    existence (hardlink, copy). Volumes whose creation was killed half-way are cleaned up here."""
+    existence (trees). Volumes whose creation was killed half-way are cleaned up here."""
     mounts = mountpoints()
     out = []
     for rec in store.meta.list_volumes():
@@ -695,19 +913,8 @@ def list_volumes(store: Store) -> list[Volume]:
 
 
 def _undo_abandoned(store: Store, rec: VolumeRecord) -> None:
-    side = _read_sidecar(store, rec.id)
-    path = Path(rec.target)
-    created = bool(side.get("created_target"))
-    is_dir = side.get("is_dir", True) is not False
-    with contextlib.suppress(OSError):
-        if rec.mode == "bind":
-            if rec.target in mountpoints():
-                _umount(rec.target)
-            if created:
-                _remove_created(path, is_dir)
-        elif os.path.lexists(path):
-            orig = side.get("target_mode") if isinstance(side.get("target_mode"), int) else None
-            _undo_target(path, created=created, orig_mode=orig, is_dir=is_dir)
+    with contextlib.suppress(OSError, ImagevolError):
+        _teardown(Path(rec.target), rec.mode, _read_sidecar(store, rec.id))
     _forget(store, rec)
 
 
@@ -719,7 +926,7 @@ def reconcile(store: Store) -> list[Volume]:
             continue
         with store.lock(_target_lock(vol.target)):
             rec = store.meta.get_volume(vol.id)
-            if rec is None or _is_mounted(rec, mountpoints()):
+            if rec is None or _is_mounted(rec, mountpoints(), _read_sidecar(store, rec.id)):
                 continue
             _forget(store, rec)
         removed.append(vol)

@@ -1141,3 +1141,28 @@ def test_private_content_per_repository_with_tokens(env: Env, token_registry) ->
     finally:
         ts.grant = saved
         ts.users.pop("bob", None)
+
+
+@root_only
+def test_subpath_through_a_symlink_out_is_no_oracle(env: Env, registry) -> None:
+    """An image with `host -> /`: subPath `host/etc/shadow` (exists on the node) and
+    `host/etc/missing` get the same answer (code and text but for the path); before, the first
+    passed the plugin's existence check through the symlink and failed later with "passes through
+    a symbolic link", the second said "does not exist": a pod learned which node files exist."""
+    client = oci.Client(registry)
+    repo = f"csi/hostlink-{os.urandom(3).hex()}"
+    push_image(client, repo, "v1", [tar_layer([E("host", kind="symlink", link="/"), E("in.txt", b"x")])])
+    ref = f"{registry.host}/{repo}:v1"
+    answers = []
+    for i, sub in enumerate(("host/etc/shadow", "host/etc/missing", "host", "in.txt/deeper")):
+        target = env.target(f"oracle{i}")
+        err = rpc_error(
+            env.plugin.node.NodePublishVolume,
+            publish_request(f"o{i}", target, {"image": ref, "subPath": sub}),
+            timeout=60,
+        )
+        answers.append((err.code(), err.details().replace(f'"{sub}"', '"SUB"')))
+        assert not target.exists()
+    assert answers[0][0] == grpc.StatusCode.NOT_FOUND
+    assert len(set(answers)) == 1, answers
+    assert 'sub path "SUB" does not exist' in answers[0][1]

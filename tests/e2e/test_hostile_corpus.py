@@ -515,16 +515,20 @@ def test_setuid_files_kept_but_inert(registry, client, iv, guard, world_dir, tmp
 
 @pytest.mark.parametrize("mode", ["copy", "hardlink"])
 def test_setuid_not_exposed_by_copy_or_hardlink_volumes(registry, client, iv, world_dir, tmp_path, mode) -> None:
-    """Copy and hard-link volumes are not nosuid mounts: setuid/setgid files arrive without those
-    bits (found by this suite: a setuid-root id(1) from the registry ran as root for `nobody`;
-    fixed in d456923). The snapshot, under the 0700 store root, keeps them."""
+    """Copy volumes are not nosuid mounts: setuid/setgid files arrive without those bits (found by
+    this suite: a setuid-root id(1) from the registry ran as root for `nobody`; fixed in d456923).
+    `hardlink` as root is a read-only nosuid bind now (it never links into the store): the bits
+    show, inert. The snapshot, under the 0700 store root, keeps them."""
     repo = _repo(f"setuid-{mode}")
     _setuid_image(client, repo)
     target = world_dir / "v"
     doc = iv.mount_ok(f"{registry.host}/{repo}:t", target, "--mode", mode)
     try:
+        if mode == "hardlink":
+            assert doc["mode"] == "bind" and os.statvfs(target).f_flag & os.ST_NOSUID
         for name in ("id", "sg"):
-            assert not os.stat(target / "bin" / name).st_mode & (stat.S_ISUID | stat.S_ISGID), name
+            if mode == "copy":
+                assert not os.stat(target / "bin" / name).st_mode & (stat.S_ISUID | stat.S_ISGID), name
         assert os.stat(Path(doc["snapshot"]) / "bin" / "id").st_mode & stat.S_ISUID
         assert _euid_as_nobody(target / "bin" / "id") == "65534", "a setuid-root binary ran as root"
     finally:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -225,8 +226,9 @@ def test_core_snapshots_shared(core_mounts) -> None:
     """One snapshot per distinct manifest, however many (fixture, node, policy) mounts use it."""
     c, _, results = core_mounts
     digests = {json.loads(r.stdout)["digest"] for r, _, _ in results.values() if r.returncode == 0}
-    snaps = {n for n in os.listdir(c.root / "snapshots") if not n.startswith(".")}
-    assert snaps == {d.split(":")[1] for d in digests}
+    names = [n for n in os.listdir(c.root / "snapshots") if not n.startswith(".")]
+    snaps = {n.split("-")[0] for n in names}  # key: the manifest digest's hex, then the tree format
+    assert len(names) == len(snaps) and snaps == {d.split(":")[1] for d in digests}
     # OCI amd64 + arm64 images, their Docker twins, and the artifact.
     assert len(snaps) == 5
     assert not [n for n in os.listdir(c.root / "snapshots") if n.startswith(".build-")]
@@ -832,4 +834,180 @@ def test_hostile_layer(registry, client, cli, tmp_path, name) -> None:
     assert _host_state(tmp_path, sentinel, rel) == before
     snaps = cli.root / "snapshots"
     assert not [n for n in (os.listdir(snaps) if snaps.exists() else []) if n.startswith(".build-")]
+    cli.fsck_ok()
+
+
+# --------------------------------------------------------------------------- 7. trusting the store
+
+
+BOB = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"]
+
+
+@pytest.fixture
+def world(cli) -> Iterator[Path]:
+    """A directory every user can traverse (pytest's tmp dirs are 0700), for `bob` (uid 1000)."""
+    import tempfile
+
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to act as an unprivileged user")
+    d = Path(tempfile.mkdtemp(prefix="imagevol-trust-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    for m in sorted((m for m in mountpoints() if m.startswith(f"{d}/")), reverse=True):
+        subprocess.run(["umount", "-l", m], capture_output=True, timeout=30)
+    subprocess.run(["chmod", "-R", "u+w", str(d)], capture_output=True, timeout=30)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _bob(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BOB, *argv], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def trust(registry, client) -> dict:
+    """An artifact (its raw file is the store's blob) and an image whose files belong to uid 1000,
+    with declared modes: a 0640 file, a 0750 directory, the root `./` 0751."""
+    repo = _repo("trust")
+    push_artifact(client, repo, "art", [(OCI_LAYER, b"verified weights", {TITLE: "w.bin"})])
+    layer = tar_layer(
+        [
+            E("./", kind="dir", mode=0o751),
+            E("private", kind="dir", mode=0o750, uid=1000, gid=1000),
+            E("private/secret.txt", b"owner only", mode=0o640, uid=1000, gid=1000),
+            E("w.bin", b"image weights", mode=0o644, uid=1000, gid=1000),
+            E("run.sh", b"#!/bin/sh\necho ran\n", mode=0o755),
+        ]
+    )
+    push_image(client, repo, "img", [layer])
+    return {"art": f"{registry.host}/{repo}:art", "img": f"{registry.host}/{repo}:img"}
+
+
+def test_root_cannot_write_the_store_through_a_hardlink_volume(trust, cli, tmp_path) -> None:
+    """Issue item 1 (a): the same content at T1 (--mode bind) and T2 (--mode hardlink). Root's
+    append into T2 used to go through the shared inode into the verified blob (artifact) or the
+    shared snapshot (image), and T1 served the new bytes. Now T2 is a read-only bind: EROFS."""
+    for ref, name, data in ((trust["art"], "w.bin", b"verified weights"), (trust["img"], "w.bin", b"image weights")):
+        t1, t2 = tmp_path / f"t1-{len(data)}", tmp_path / f"t2-{len(data)}"
+        d1 = cli.mount_ok(ref, t1, "--mode", "bind")
+        d2 = cli.mount_ok(ref, t2, "--mode", "hardlink")
+        f = t2 / name
+        errors = []
+        for attempt in (
+            lambda f=f: os.chmod(f, 0o666),
+            lambda f=f: open(f, "ab").write(b"tampered"),  # noqa: SIM115
+        ):
+            try:
+                attempt()
+            except OSError as e:
+                errors.append(e.errno)
+        assert (t1 / name).read_bytes() == data, "a bind volume of the same content changed"
+        assert (Path(d1["snapshot"]) / name).read_bytes() == data
+        if ref == trust["art"]:
+            blob = cli.blob("sha256:" + hashlib.sha256(data).hexdigest())
+            assert blob.read_bytes() == data, "the verified blob changed"
+        assert errors == [errno.EROFS, errno.EROFS]
+        assert d2["mode"] == "bind" and {"ro", "nosuid", "nodev"} <= mount_options(t2)
+        assert cli.unmount(t2).returncode == 0 and cli.unmount(t1).returncode == 0
+    cli.fsck_ok()
+
+
+@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+def test_file_owner_cannot_write_the_store_through_a_volume(trust, cli, world, mode) -> None:
+    """Issue item 1 (b): w.bin belongs to uid 1000 (tar header). Through a hard-link volume, bob
+    ran `chmod u+w` on the snapshot's inode and wrote: every volume of that content changed. Now
+    `hardlink` is a read-only bind (EROFS) and a copy is bob's own file: the store and a bind
+    volume of the same content stay as they were."""
+    ro = world / "ro"
+    cli.mount_ok(trust["img"], ro, "--mode", "bind")
+    target = world / "v"
+    doc = cli.mount_ok(trust["img"], target, "--mode", mode)
+    assert os.stat(target / "w.bin").st_uid == 1000
+    r = _bob("sh", "-c", f'chmod u+w "{target}/w.bin" && printf tampered >> "{target}/w.bin"')
+    assert (ro / "w.bin").read_bytes() == b"image weights", "a bind volume of the same content changed"
+    assert (Path(doc["snapshot"]) / "w.bin").read_bytes() == b"image weights", "the snapshot changed"
+    if mode == "hardlink":
+        assert doc["mode"] == "bind"
+        assert r.returncode != 0 and "Read-only file system" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr  # bob's own copy
+        assert (target / "w.bin").read_bytes() == b"image weightstampered"
+        assert os.stat(target / "w.bin").st_ino != os.stat(Path(doc["snapshot"]) / "w.bin").st_ino
+    assert cli.unmount(target).returncode == 0 and cli.unmount(ro).returncode == 0
+    cli.fsck_ok()
+
+
+@pytest.mark.parametrize("mode", ["bind", "copy"])
+def test_declared_modes_are_shown(trust, cli, tmp_path, mode) -> None:
+    """Issue item 3: a 0640 file is 0640, a 0750 directory 0750, the root as `./` declares (0751);
+    before, every write bit was stripped (0440, 0550). Read-only comes from the mount."""
+    target = tmp_path / "v"
+    cli.mount_ok(trust["img"], target, "--mode", mode)
+    modes = {
+        p: stat.S_IMODE(os.lstat(target / p).st_mode) for p in ("", "private", "private/secret.txt", "w.bin", "run.sh")
+    }
+    assert modes == {"": 0o751, "private": 0o750, "private/secret.txt": 0o640, "w.bin": 0o644, "run.sh": 0o755}
+    assert os.stat(target / "private/secret.txt").st_uid == 1000
+    if mode == "bind":
+        with pytest.raises(OSError) as ei:
+            open(target / "private/secret.txt", "ab")  # noqa: SIM115
+        assert ei.value.errno == errno.EROFS
+    assert cli.unmount(target).returncode == 0
+
+
+def test_subpath_through_a_symlink_out_gives_one_error(registry, client, cli, tmp_path) -> None:
+    """Issue item 6 (CLI): `host -> /`; `--subpath host/etc/shadow` and `host/etc/missing` (and
+    a sub path under a file) fail with the same exit code and text but for the sub path."""
+    repo = _repo("hostlink")
+    push_image(client, repo, "t", [tar_layer([E("host", kind="symlink", link="/"), E("f", b"x")])])
+    ref = f"{registry.host}/{repo}:t"
+    answers = set()
+    for i, sub in enumerate(("host/etc/shadow", "host/etc/missing", "f/x")):
+        t = tmp_path / f"s{i}"
+        r = cli.mount(ref, t, "--subpath", sub)
+        answers.add((r.returncode, r.stderr.replace(f'"{sub}"', '"X"')))
+        assert not t.exists()
+    assert len(answers) == 1, answers
+    ((code, err),) = answers
+    assert code == 1 and f'error: sub path "X" does not exist in image volume "{ref}"' in err and "hint:" in err
+
+
+@pytest.mark.parametrize("mode", ["copy", "bind"])
+def test_unmount_does_not_follow_a_swapped_parent(trust, cli, world, mode) -> None:
+    """Issue item 8: root mounts at HOME/bob/models/data (bob owns `models`); bob moves `models`
+    away and puts a symlink to a root-only directory holding data/precious.db in its place.
+    `imagevol unmount HOME/bob/models/data` used to empty and remove the directory behind the
+    symlink (copy) or rmdir it and forget a live mount (bind). Now it refuses, touching nothing;
+    once bob puts the path back, the unmount completes."""
+    bob = world / "home" / "bob"
+    models = bob / "models"
+    models.mkdir(parents=True)
+    os.chown(bob, 1000, 1000)
+    os.chown(models, 1000, 1000)
+    secret = world / "secret"
+    (secret / "data").mkdir(parents=True)
+    os.chmod(secret, 0o700)
+    precious = secret / "data" / "precious.db"
+    if mode == "copy":
+        precious.write_bytes(b"precious")
+    target = models / "data"
+    cli.mount_ok(trust["art"], target, "--mode", mode)
+    assert (target / "w.bin").read_bytes() == b"verified weights"
+    r = _bob("sh", "-c", f'mv "{models}" "{bob}/models.old" && ln -s "{secret}" "{models}"')
+    assert r.returncode == 0, r.stderr
+    r = cli.unmount(target)
+    assert r.returncode == 1, r.stderr
+    assert "error: the volume at" in r.stderr and "symbolic link" in r.stderr and "hint:" in r.stderr
+    assert (secret / "data").is_dir()
+    if mode == "copy":
+        assert precious.read_bytes() == b"precious"
+    assert [v["target"] for v in cli.volumes()] == [str(target)]  # the record stays
+    if mode == "bind":
+        assert f"{bob}/models.old/data" in mountpoints()
+    # bob puts it back: the unmount goes through, and removes only what imagevol made
+    r = _bob("sh", "-c", f'rm "{models}" && mv "{bob}/models.old" "{models}"')
+    assert r.returncode == 0, r.stderr
+    r = cli.unmount(target)
+    assert r.returncode == 0, r.stderr
+    assert not target.exists() and models.is_dir() and (secret / "data").is_dir()
+    assert str(target) not in mountpoints() and cli.volumes() == []
     cli.fsck_ok()

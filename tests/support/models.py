@@ -29,7 +29,7 @@ class ModelFixture:
     config: tuple[str, bytes]
     artifact_type: str | None
     files: dict[str, bytes]  # every regular file the volume shows, and its content
-    modes: dict[str, int] = field(default_factory=dict)  # expected read-only modes of some files
+    modes: dict[str, int] = field(default_factory=dict)  # expected modes of some files
 
     def push(self, client: Client, repo: str, tag: str) -> str:
         return push_artifact(client, repo, tag, self.layers, artifact_type=self.artifact_type, config=self.config)
@@ -82,7 +82,7 @@ def modelpack() -> ModelFixture:
             "docs/README.md": readme,
             "scripts/run.sh": script,
         },
-        modes={"weights/model.safetensors": 0o444, "scripts/run.sh": 0o555},
+        modes={"weights/model.safetensors": 0o444, "scripts/run.sh": 0o755},  # the declared mode
     )
 
 

@@ -134,12 +134,10 @@ def tree(path: Path) -> dict[str, str]:
 
 
 def assert_sealed(path: Path) -> None:
-    assert stat.S_IMODE(path.stat().st_mode) == 0o555
-    for dirpath, dirs, files in os.walk(path):
-        for n in dirs + files:
-            st = os.lstat(Path(dirpath, n))
-            if not stat.S_ISLNK(st.st_mode):
-                assert stat.S_IMODE(st.st_mode) & 0o222 == 0, Path(dirpath, n)
+    """Modes as declared (no write bits stripped: read-only comes from the mount); the root 0o755
+    unless a layer declares `./`; the tree lies in the 0700 store root."""
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 def leftovers(store: Store) -> list[str]:
@@ -164,8 +162,8 @@ def test_image_two_layers_with_whiteouts(store: Store, b: Builder) -> None:
     m = b.image([lower, upper])
     snap = materialize(store, m)
     assert snap.created and snap.flavour == "image"
-    assert snap.key == m.digest.hex and snap.digest == m.digest
-    assert snap.path == store.root / "snapshots" / m.digest.hex
+    assert snap.key == snapshot_key(m) and snap.key.startswith(m.digest.hex + "-") and snap.digest == m.digest
+    assert snap.path == store.root / "snapshots" / snap.key
     t = tree(snap.path)
     assert t == {
         "etc": "dir",
@@ -176,7 +174,7 @@ def test_image_two_layers_with_whiteouts(store: Store, b: Builder) -> None:
         "bin/tool": "#!/bin/sh\necho hi\n",
     }
     assert snap.files == 3
-    assert stat.S_IMODE((snap.path / "bin/tool").stat().st_mode) == 0o555  # executable, not writable
+    assert stat.S_IMODE((snap.path / "bin/tool").stat().st_mode) == 0o755  # as declared
     assert_sealed(snap.path)
     rec = store.meta.get_snapshot(snap.key)
     assert rec is not None and rec.state == "ready" and rec.digest == m.digest and rec.path == str(snap.path)
@@ -188,9 +186,9 @@ def test_image_diff_id_mismatch_refused(store: Store, b: Builder) -> None:
     m = b.image([layer], diff_ids=[sha(b"something else")])
     with pytest.raises(DigestMismatchError, match="diff_id"):
         materialize(store, m)
-    assert not (store.root / "snapshots" / m.digest.hex).exists()
+    assert not (store.root / "snapshots" / snapshot_key(m)).exists()
     assert leftovers(store) == []
-    assert store.meta.get_snapshot(m.digest.hex) is None
+    assert store.meta.get_snapshot(snapshot_key(m)) is None
 
 
 def test_image_layer_count_mismatch_refused(store: Store, b: Builder) -> None:
@@ -254,7 +252,7 @@ def test_artifact_escaping_titles_refused(store: Store, b: Builder, title: str) 
     m = b.manifest([b.desc("application/x", b"data", {mt.ANN_TITLE: title})], artifact_type=AT)
     with pytest.raises(UnsafeContentError):
         materialize(store, m)
-    assert not (store.root / "snapshots" / m.digest.hex).exists()
+    assert not (store.root / "snapshots" / snapshot_key(m)).exists()
     assert leftovers(store) == []
 
 
@@ -294,11 +292,13 @@ def test_options_validated() -> None:
 
 def test_snapshot_key_suffix_only_when_result_changes(store: Store, b: Builder) -> None:
     titled = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
-    assert snapshot_key(titled, MaterializeOptions(name_untitled="digest")) == titled.digest.hex
-    assert snapshot_key(titled, MaterializeOptions(apply=ApplyOptions())) == titled.digest.hex
-    assert snapshot_key(titled, MaterializeOptions(apply=ApplyOptions(max_size=10))) == titled.digest.hex
+    base = snapshot_key(titled)  # the digest hex and the tree format
+    assert base.startswith(titled.digest.hex + "-") and len(base) == 64 + 13
+    assert snapshot_key(titled, MaterializeOptions(name_untitled="digest")) == base
+    assert snapshot_key(titled, MaterializeOptions(apply=ApplyOptions())) == base
+    assert snapshot_key(titled, MaterializeOptions(apply=ApplyOptions(max_size=10))) == base
     k = snapshot_key(titled, MaterializeOptions(apply=ApplyOptions(devices="refuse")))
-    assert k.startswith(titled.digest.hex + "-") and len(k) == 64 + 13
+    assert k != base and k.startswith(titled.digest.hex + "-") and len(k) == 64 + 13
 
 
 def test_oras_directory_tar_gzip_is_unpacked(store: Store, b: Builder) -> None:
@@ -459,7 +459,7 @@ def test_modelpack_raw_tar_and_metadata_mode(store: Store, b: Builder) -> None:
     assert w_st.st_ino == store.blob_path(m.layers[0].digest).stat().st_ino  # 0o644 -> read-only 0o444: a link
     run = (snap.path / "run.sh").stat()
     assert run.st_ino != store.blob_path(m.layers[1].digest).stat().st_ino  # executable: a copy
-    assert stat.S_IMODE(run.st_mode) == 0o555
+    assert stat.S_IMODE(run.st_mode) == 0o755  # the declared mode
     assert stat.S_IMODE(store.blob_path(m.layers[1].digest).stat().st_mode) == 0o444  # blob untouched
     assert_sealed(snap.path)
 
@@ -663,7 +663,7 @@ def test_concurrent_materialize_builds_once(store: Store, b: Builder) -> None:
     assert sorted(r[0] for r in results) == [False, True]
     assert len({r[1] for r in results}) == 1 and {r[2] for r in results} == {4}
     names = [n for n in os.listdir(store.root / "snapshots") if not n.startswith(".info-")]
-    assert names == [m.digest.hex]
+    assert names == [snapshot_key(m)]
 
 
 def test_digest_is_a_digest(store: Store, b: Builder) -> None:

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 from pathlib import Path
 
@@ -673,3 +674,23 @@ def test_large_blobs_are_hashed_while_copied_into_a_layout(
     _, m = src.resolve()
     for x in m.layers:
         src.blob_bytes(x, 1 << 30)  # verified against the digest
+
+
+def test_pack_image_round_trip_keeps_modes(tmp_path: Path) -> None:
+    """`pack --format image` records the files' own modes and a mounted image shows them: 0640
+    stays 0640, 0755 stays 0755, a 0750 directory 0750 (the mount used to strip every write bit)."""
+    from imagevol import mount as mount_api
+
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d").chmod(0o750)
+    (src / "d" / "owner.txt").write_text("0640")
+    (src / "d" / "owner.txt").chmod(0o640)
+    (src / "run.sh").write_text("#!/bin/sh\n")
+    (src / "run.sh").chmod(0o755)
+    layout = tmp_path / "layout"
+    pack(src, f"oci:{layout}:v1", format="image", platforms=["linux/amd64", "linux/arm64"])
+    res = mount_api(f"oci:{layout}:v1", tmp_path / "vol", root=tmp_path / "store", mode="copy")
+    for root in (res.snapshot.path, tmp_path / "vol"):
+        modes = {p: stat.S_IMODE(os.lstat(root / p).st_mode) for p in ("d", "d/owner.txt", "run.sh")}
+        assert modes == {"d": 0o750, "d/owner.txt": 0o640, "run.sh": 0o755}, root

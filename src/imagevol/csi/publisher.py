@@ -85,7 +85,7 @@ from pathlib import Path
 from typing import Any
 
 from ..digest import Digest
-from ..errors import AuthError, ImagevolError, NotFoundError, StoreError
+from ..errors import AuthError, ImagevolError, NotFoundError, StoreError, UsageError
 from ..manifest import Descriptor
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
@@ -96,7 +96,7 @@ from ..sources.factory import open_source
 from ..sources.registry import RegistryOptions, RegistrySource
 from ..store import Store
 from ..unpack.applier import ApplyOptions
-from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume
+from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume, resolve_subpath
 from . import DEFAULT_DRIVER_NAME
 from .attrs import VolumeSpec, registry_credentials
 from .metrics import Metrics
@@ -231,6 +231,18 @@ def _wait_limit(timeout: float | None) -> float | None:
 
 def canonical_target(target: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(target))))
+
+
+def _subpath_inside(snap: Any, subpath: str, ref: str) -> bool:
+    """Whether ``subpath`` names a file or directory inside the snapshot, reached without symlinks
+    (one answer for missing, through a symlink, or under a file: nothing about the node leaks)."""
+    try:
+        resolve_subpath(snap.path, subpath, artifact=snap.flavour != "image", ref=ref)
+    except UsageError:
+        raise
+    except ImagevolError:
+        return False
+    return True
 
 
 def _hash(text: str) -> str:
@@ -699,7 +711,7 @@ class Publisher:
 
         with store.lock("gc", shared=True):
             snap = materialize(store, res.manifest, options=MaterializeOptions(apply=ApplyOptions()), warn=warn)
-            if spec.subpath and not os.path.lexists(snap.path / spec.subpath):
+            if spec.subpath and not _subpath_inside(snap, spec.subpath, res.reference):
                 kind = "image" if snap.flavour == "image" else f"{snap.flavour} artifact"
                 raise NotFoundError(
                     f'sub path "{spec.subpath}" does not exist in {spec.image} ({kind}, {res.digest.short})',

@@ -23,6 +23,7 @@ from .. import mediatypes as mt
 from ..digest import Digest, digest_bytes
 from ..errors import DigestMismatchError, ManifestError, UsageError
 from ..fsutil import fsync_dir as _fsync_dir
+from ..fsutil import reflink
 from ..manifest import Descriptor
 from ..reference import LayoutReference
 from . import PIECE, Blob, PushStats
@@ -162,19 +163,26 @@ class LayoutSink:
     ) -> bool:
         """Put the file ``path`` (exactly the blob's bytes) into the layout; False if already there.
 
-        mode ``link``: a hard link (the layout shares the inode: use for read-only sources such as
-        the store), falling back to a verified copy across file systems; ``move``: rename a scratch
-        file (chmod 0644); ``copy``: a copy, hashed on the way and refused if it does not match.
+        mode ``link``: a hard link (the layout shares the inode: never for the store's blobs, whose
+        inodes must not become writable through the layout), falling back to a verified copy across
+        file systems; ``clone``: a private inode, a reflink where the file systems allow, else an
+        in-kernel copy (for verified sources: the store); ``move``: rename a scratch file (chmod
+        0644); ``copy``: a copy, hashed on the way and refused if it does not match.
         """
         d = Digest(digest)
-        if mode not in ("link", "move", "copy"):
-            raise ValueError(f"mode must be link, move or copy, not {mode!r}")
+        if mode not in ("link", "clone", "move", "copy"):
+            raise ValueError(f"mode must be link, clone, move or copy, not {mode!r}")
         if self.has_blob(d, size):
             return False
         src = Path(path)
         if os.stat(src).st_size != size:
             raise DigestMismatchError(f"{src} is {os.stat(src).st_size} bytes, expected {size} for {d}")
         target = self.blob_path(d)
+        if mode == "clone":
+            self._clone(src, d, size)
+            if progress:
+                progress(size)
+            return True
         try:
             if mode == "link":
                 try:
@@ -198,6 +206,33 @@ class LayoutSink:
             with contextlib.suppress(FileNotFoundError):
                 src.unlink()
         return True
+
+    def _clone(self, src: Path, d: Digest, size: int) -> None:
+        """``src`` as the blob ``d``: a reflink (no bytes written) or an in-kernel copy, in a file
+        of the layout's own (0644), renamed into place."""
+        from ..materialize import copy_fd
+
+        bdir = self.path / "blobs" / d.algorithm
+        bdir.mkdir(parents=True, exist_ok=True)
+        tmp = bdir / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
+        sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            try:
+                try:
+                    n = size if reflink(sfd, fd) else copy_fd(sfd, fd)
+                    if n != size:
+                        raise DigestMismatchError(f"{src} is {n} bytes, expected {size} for {d}")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.blob_path(d))
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise
+        finally:
+            os.close(sfd)
 
     def _copy_verified(self, src: Path, d: Digest, size: int, progress: Callable[[int], None] | None) -> None:
         self._copy_blob(Blob(d, size, path=src, what=str(src)), progress)  # verified against d

@@ -336,6 +336,13 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
+def _format1_snapshot(key: str) -> bool:
+    """A snapshot keyed by the bare manifest digest hex: built before snapshots kept their declared
+    modes (materialize.SNAPSHOT_FORMAT 1, write bits stripped). Never reused, so reclaimed even
+    while its manifest is kept."""
+    return len(key) in (64, 128) and all(c in "0123456789abcdef" for c in key)
+
+
 def gc(
     store: Store,
     *,
@@ -377,7 +384,7 @@ def gc(
             for snap in meta.list_snapshots():
                 if snap.state != "ready" or snap.key in used_snapshots:
                     continue
-                if snap.digest is not None and snap.digest in marked:
+                if snap.digest is not None and snap.digest in marked and not _format1_snapshot(snap.key):
                     continue
                 freed = remove_snapshot(snap.key, dry_run)
                 if freed is not None:
