@@ -454,6 +454,7 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
                     "removed": [str(d) for d in res.removed],
                     "removedSnapshots": res.removed_snapshots,
                     "removedIngests": res.removed_ingests,
+                    "removedBuilds": res.removed_builds,
                     "bytesFreed": freed,
                     "dryRun": dry_run,
                 },
@@ -463,7 +464,8 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     else:
         click.echo(
             f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), "
-            f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s): "
+            f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s), "
+            f"{len(res.removed_builds)} stale build(s): "
             f"{freed} bytes"
         )
 

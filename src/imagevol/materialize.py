@@ -65,6 +65,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -95,13 +96,14 @@ from .jsonutil import loads as json_loads
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Manifest, parse_config
 from .manifest import flavour as manifest_flavour
 from .store import Store
-from .unpack.applier import ApplyOptions, apply_layer, clean_path
+from .unpack.applier import MAX_DEPTH, PATH_MAX, ApplyOptions, apply_layer, clean_path
 from .unpack.compression import open_decompressed
 
 __all__ = [
     "LayerFeed",
     "MaterializeOptions",
     "Snapshot",
+    "clean_stale_builds",
     "copy_fd",
     "find_snapshot",
     "force_rmtree",
@@ -110,6 +112,8 @@ __all__ = [
     "snapshot_key",
     "snapshots_dir",
 ]
+
+log = logging.getLogger(__name__)
 
 SNAPSHOTS = "snapshots"
 BUILD_PREFIX = ".build-"
@@ -260,11 +264,14 @@ def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | N
         with store.lock(_lock_name(key), blocking=False):
             path = snaps / key
             freed = 0
-            for dirpath, dirnames, filenames in os.walk(path):
-                for n in dirnames + filenames:
-                    st = os.lstat(os.path.join(dirpath, n))
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                        freed += st.st_blocks * 512
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                fd = os.open(path, _DIR_FLAGS)
+                try:
+                    for _, _, st in _walk_fd(fd):
+                        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                            freed += st.st_blocks * 512
+                finally:
+                    os.close(fd)
             if not dry_run:
                 # Out of sight first (record, info, name), then delete: a kill mid-delete leaves a
                 # `.build-*` leftover the next materialize sweeps, never a partial snapshot in use.
@@ -311,7 +318,8 @@ def copy_fd(src: int, dst: int) -> int:
 
 def force_rmtree(path: str | os.PathLike[str]) -> None:
     """Remove ``path`` and everything below it, making directories writable first (sealed trees)
-    and never following a symlink or crossing into another file system."""
+    and never following a symlink or crossing into another file system. Iterative: a tree of any
+    depth is removed (no recursion, one open descriptor per level)."""
     path = os.fspath(path)
     try:
         st = os.stat(path, follow_symlinks=False)
@@ -328,7 +336,7 @@ def force_rmtree(path: str | os.PathLike[str]) -> None:
         os.close(pfd)
 
 
-def _rmtree_at(pfd: int, name: str, dev: int) -> None:
+def _open_for_removal(pfd: int, name: str, dev: int) -> int:
     fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
     try:
         st = os.fstat(fd)
@@ -336,31 +344,87 @@ def _rmtree_at(pfd: int, name: str, dev: int) -> None:
             raise ImagevolError(f"refusing to remove {name!r}: it is on another file system (a mount point?)")
         if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
-        for child in os.listdir(fd):
-            try:
-                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(cst.st_mode):
-                _rmtree_at(fd, child, dev)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.rmdir(name, dir_fd=pfd)
+        raise
+    return fd
+
+
+def _rmtree_at(pfd: int, name: str, dev: int) -> None:
+    """Remove the directory ``name`` of ``pfd`` and its content, depth first, with an explicit stack
+    of (parent fd, name, fd, names left) frames. What cannot be removed (a mount point inside, an
+    immutable file) is left with its parents, everything else goes; then the first error is raised."""
+    fd = _open_for_removal(pfd, name, dev)
+    stack: list[tuple[int, str, int, list[str]]] = [(pfd, name, fd, os.listdir(fd))]
+    failed: list[BaseException] = []
+    try:
+        while stack:
+            parent_fd, dname, dfd, pending = stack[-1]
+            if pending:
+                child = pending.pop()
+                try:
+                    cst = os.stat(child, dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISDIR(cst.st_mode):
+                        cfd = _open_for_removal(dfd, child, dev)
+                        try:
+                            names = os.listdir(cfd)
+                        except BaseException:
+                            os.close(cfd)
+                            raise
+                        stack.append((dfd, child, cfd, names))
+                    else:
+                        os.unlink(child, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                except (OSError, ImagevolError) as e:
+                    failed.append(e)
+                continue
+            stack.pop()
+            os.close(dfd)
+            try:
+                os.rmdir(dname, dir_fd=parent_fd)
+            except OSError as e:
+                if not (failed and e.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                    failed.append(e)
+    finally:
+        for _, _, dfd, _ in stack:
+            os.close(dfd)
+    if failed:
+        raise failed[0]
 
 
 def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
-    """(dir fd, name, lstat) of every entry below ``fd``, children before their directory."""
-    for name in sorted(os.listdir(fd)):
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            cfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            try:
-                yield from _walk_fd(cfd)
-            finally:
-                os.close(cfd)
-        yield fd, name, st
+    """(dir fd, name, lstat) of every entry below ``fd``, children before their directory, names in
+    sorted order. Iterative (an explicit stack of open directories): any depth is walked."""
+    stack: list[tuple[int, list[str], str | None, os.stat_result | None, int | None]] = [
+        (fd, sorted(os.listdir(fd), reverse=True), None, None, None)
+    ]
+    try:
+        while stack:
+            dfd, pending, dname, dst, parent = stack[-1]
+            if pending:
+                name = pending.pop()
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        names = sorted(os.listdir(cfd), reverse=True)
+                    except BaseException:
+                        os.close(cfd)
+                        raise
+                    stack.append((cfd, names, name, st, dfd))
+                else:
+                    yield dfd, name, st
+                continue
+            stack.pop()
+            if parent is not None:
+                os.close(dfd)
+                assert dname is not None and dst is not None
+                yield parent, dname, dst
+    finally:
+        for dfd, _, _, _, parent in stack:
+            if parent is not None:
+                os.close(dfd)
 
 
 def _seal(root_fd: int) -> int:
@@ -405,10 +469,36 @@ def _layer_path(layer: Descriptor, fl: str) -> str | None:
     return None
 
 
+def _check_limits(path: str, what: str) -> None:
+    """The limits the applier puts on tar entry paths, for titles, ModelPack and Kitfile paths:
+    at most PATH_MAX - 1 bytes and MAX_DEPTH components (UnsafeContentError)."""
+    size = len(os.fsencode(path))
+    if size >= PATH_MAX:
+        raise UnsafeContentError(
+            f"{what}: path {path[:60]!r}... is {size} bytes long, the limit is {PATH_MAX - 1}",
+            hint="titles and file paths of artifacts are held to the limits of image layer paths",
+        )
+    if path.count("/") >= MAX_DEPTH and len([c for c in path.split("/") if c not in ("", ".")]) > MAX_DEPTH:
+        raise UnsafeContentError(
+            f"{what}: path {path[:60]!r}... has more than {MAX_DEPTH} components",
+            hint="titles and file paths of artifacts are held to the limits of image layer paths",
+        )
+
+
+def _precheck_paths(manifest: Manifest) -> None:
+    """Refuse an over-long or over-deep title / file path annotation before anything is built."""
+    for i, layer in enumerate(manifest.layers):
+        for k in (mt.ANN_TITLE, mt.ANN_CNCF_FILEPATH, mt.ANN_CNAI_FILEPATH):
+            v = layer.annotations.get(k)
+            if isinstance(v, str) and v:
+                _check_limits(v, f"layer {i} ({layer.digest.short}, {layer.media_type or 'no media type'}): {k}")
+
+
 def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
     """Split a title / file path into components, refusing anything that could escape.
 
-    Refused (UnsafeContentError): empty, NUL, absolute, a ``..`` component, and — unless
+    Refused (UnsafeContentError): empty, NUL, absolute, longer than the applier's PATH_MAX - 1 bytes
+    or deeper than its MAX_DEPTH components, a ``..`` component, and — unless
     ``normalize`` — empty or ``.`` components (one trailing ``/`` is tolerated) and the bare ``.``.
     With ``normalize`` (Kitfile paths), ``./`` components are dropped and ``.`` means the root.
     """
@@ -422,6 +512,7 @@ def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
         raise UnsafeContentError(f"{what}: path {path!r} is not valid Unicode (a lone surrogate)") from None
     if path.startswith("/"):
         raise UnsafeContentError(f"{what}: path {path!r} is absolute", hint="paths must be relative to the volume")
+    _check_limits(path, what)
     parts = path.split("/")
     if len(parts) > 1 and parts[-1] == "":
         parts.pop()
@@ -1045,23 +1136,52 @@ def _reuse(store: Store, snaps: Path, key: str, manifest: Manifest, fl: str) -> 
     )
 
 
-def _clean_builds(store: Store, snaps: Path, held_key: str) -> None:
-    """Remove ``.build-*`` leftovers of crashed builds: ours (we hold its lock), and any other whose
-    lock is free right now."""
-    for name in sorted(os.listdir(snaps)):
-        if not name.startswith(BUILD_PREFIX):
-            continue
-        key = name[len(BUILD_PREFIX) :].rsplit("-", 1)[0]
-        if not _KEY_RE.match(key):
-            continue
-        if key == held_key:
-            force_rmtree(snaps / name)
+def _build_key(name: str) -> str | None:
+    """The snapshot key of a ``.build-<key>-<random>`` directory name, if it is one."""
+    if not name.startswith(BUILD_PREFIX):
+        return None
+    key = name[len(BUILD_PREFIX) :].rsplit("-", 1)[0]
+    return key if _KEY_RE.match(key) else None
+
+
+def _clean_builds(store: Store, snaps: Path, held_key: str | None, *, dry_run: bool = False) -> list[str]:
+    """Remove ``.build-*`` leftovers of crashed or failed builds: those of ``held_key`` (the caller
+    holds its lock), and any other whose lock is free right now (its builder is gone). Best effort:
+    a leftover that cannot be removed (a mount inside it, an immutable file) is left, with what
+    could be removed of it gone, and never fails the caller. Returns the names removed."""
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir(snaps))
+    except OSError:
+        return removed
+    for name in names:
+        key = _build_key(name)
+        if key is None:
             continue
         try:
-            with store.lock(_lock_name(key), blocking=False):
-                force_rmtree(snaps / name)
+            if key == held_key:
+                if not dry_run:
+                    force_rmtree(snaps / name)
+            else:
+                with store.lock(_lock_name(key), blocking=False):
+                    if not dry_run:
+                        force_rmtree(snaps / name)
         except StoreError:
-            continue  # being built right now
+            continue  # being built right now (its lock is held)
+        except (OSError, ImagevolError) as e:
+            log.warning("cannot remove the leftover build %s: %s", snaps / name, e)
+            continue
+        removed.append(name)
+    return removed
+
+
+def clean_stale_builds(store: Store, *, dry_run: bool = False) -> list[str]:
+    """Remove the ``.build-*`` directories no builder holds (crashed or failed builds), for gc.
+    Returns the names removed (or that would be, with ``dry_run``)."""
+    snaps = store.root / SNAPSHOTS
+    if not snaps.is_dir() or snaps.is_symlink():
+        return []
+    return _clean_builds(store, snaps, None, dry_run=dry_run)
 
 
 def find_snapshot(store: Store, manifest: Manifest, options: MaterializeOptions | None = None) -> Snapshot | None:
@@ -1090,6 +1210,8 @@ def materialize(
     found = _reuse(store, snaps, key, manifest, fl)
     if found is not None:
         return found
+    if fl != "image":
+        _precheck_paths(manifest)
     with store.lock(_lock_name(key)):
         found = _reuse(store, snaps, key, manifest, fl)
         if found is not None:

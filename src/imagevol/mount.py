@@ -22,7 +22,15 @@ from .errors import (
     UnsafeContentError,
 )
 from .manifest import Descriptor
-from .materialize import MaterializeOptions, Snapshot, find_snapshot, manifest_flavour, materialize, remove_snapshot
+from .materialize import (
+    MaterializeOptions,
+    Snapshot,
+    clean_stale_builds,
+    find_snapshot,
+    manifest_flavour,
+    materialize,
+    remove_snapshot,
+)
 from .platform import Platform
 from .pull import LayerStream, ProgressFn, PullPlan, PullResult, plan_pull
 from .reference import LayoutReference, Reference
@@ -250,4 +258,6 @@ def volumes(*, root: str | os.PathLike[str] | Store, reconcile_stale: bool = Fal
 def gc(*, root: str | os.PathLike[str] | Store, dry_run: bool = False) -> GcResult:
     """Reclaim blobs, snapshots and stale downloads that no reference, volume or pull holds."""
     store = root if isinstance(root, Store) else Store(root)
-    return store_gc(store, dry_run=dry_run, remove_snapshot=lambda key, dry: remove_snapshot(store, key, dry_run=dry))
+    res = store_gc(store, dry_run=dry_run, remove_snapshot=lambda key, dry: remove_snapshot(store, key, dry_run=dry))
+    res.removed_builds = clean_stale_builds(store, dry_run=dry_run)
+    return res

@@ -670,3 +670,129 @@ def test_digest_is_a_digest(store: Store, b: Builder) -> None:
     m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
     snap = materialize(store, m)
     assert isinstance(snap.digest, Digest)
+
+
+# -- hostile depths and leftover builds (issue item 9) ---------------------------------------------
+def _deep_tree(top: Path, depth: int, *, seal: bool = False) -> None:
+    """``top/a/a/.../a/f`` ``depth`` directories deep, made one component at a time (the full path
+    is longer than PATH_MAX); sealed read-only like a snapshot when ``seal``."""
+    top.mkdir()
+    fds = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(depth):
+            os.mkdir("a", 0o755, dir_fd=fds[-1])
+            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fds[-1])
+        os.close(fd)
+        if seal:
+            for fd in fds:
+                os.fchmod(fd, 0o555)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_title_3000_components_refused_before_building(store: Store, b: Builder) -> None:
+    deep = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "a/" * 3000 + "f"})], artifact_type=AT)
+    with pytest.raises(UnsafeContentError, match="6001 bytes long, the limit is 4095"):
+        materialize(store, deep)
+    assert leftovers(store) == []
+    ok = b.manifest([b.desc("application/x", b"y", {mt.ANN_TITLE: "y"})], artifact_type=AT)
+    assert tree(materialize(store, ok).path) == {"y": "y"}
+
+
+@pytest.mark.parametrize(
+    ("ann", "value", "needle"),
+    [
+        (mt.ANN_TITLE, "a/" * 257 + "f", "more than 256 components"),
+        (mt.ANN_CNCF_FILEPATH, "b/" * 300 + "f", "more than 256 components"),
+        (mt.ANN_TITLE, ("x" * 200 + "/") * 21, "bytes long, the limit is 4095"),
+    ],
+)
+def test_path_depth_and_length_limits(store: Store, b: Builder, ann: str, value: str, needle: str) -> None:
+    m = b.manifest([b.desc("application/x", b"x", {ann: value})], artifact_type=AT)
+    with pytest.raises(UnsafeContentError, match=needle):
+        materialize(store, m)
+    assert leftovers(store) == []
+    # at the limit: accepted
+    at = b.manifest([b.desc("application/x", b"z", {ann: "a/" * 255 + "f"})], artifact_type=AT)
+    assert materialize(store, at).files == 1
+
+
+def test_kitfile_path_over_the_depth_limit_refused(store: Store, b: Builder) -> None:
+    kitfile = {"manifestVersion": "1.0", "model": {"path": "m/" * 300 + "w.bin"}}
+    cfg = b.desc(mt.KITOPS_CONFIG, json.dumps(kitfile).encode())
+    m = b.manifest([b.desc("application/vnd.kitops.modelkit.model.v1.raw", b"w")], config=cfg)
+    with pytest.raises(UnsafeContentError, match="more than 256 components"):
+        materialize(store, m)
+    assert leftovers(store) == []
+
+
+def test_force_rmtree_and_walks_handle_any_depth(tmp_path: Path) -> None:
+    from imagevol.materialize import count_files, force_rmtree
+
+    _deep_tree(tmp_path / "t", 3000, seal=True)
+    assert count_files(tmp_path / "t") == 1
+    force_rmtree(tmp_path / "t")
+    assert not os.path.lexists(tmp_path / "t")
+
+
+def test_gc_removes_a_3000_deep_stale_build(store: Store, b: Builder) -> None:
+    from imagevol.mount import gc
+
+    snaps = store.root / "snapshots"
+    store.ensure()
+    snaps.mkdir(mode=0o700)
+    _deep_tree(snaps / f".build-{'c' * 64}-dead01", 3000, seal=True)
+    res = gc(root=store, dry_run=True)
+    assert res.removed_builds == [f".build-{'c' * 64}-dead01"] and leftovers(store) != []
+    res = gc(root=store)
+    assert res.removed_builds == [f".build-{'c' * 64}-dead01"]
+    assert leftovers(store) == []
+
+
+def test_gc_keeps_a_build_in_progress(store: Store, b: Builder) -> None:
+    from imagevol.materialize import _lock_name
+    from imagevol.mount import gc
+
+    snaps = store.root / "snapshots"
+    store.ensure()
+    snaps.mkdir(mode=0o700)
+    (snaps / f".build-{'d' * 64}-live01").mkdir()
+    with store.lock(_lock_name("d" * 64)):
+        assert gc(root=store).removed_builds == []
+    assert leftovers(store) == [f".build-{'d' * 64}-live01"]
+
+
+@pytest.fixture
+def mounted_leftover(store: Store) -> Any:
+    """A ``.build-*`` leftover with a file system mounted inside: imagevol refuses to remove it."""
+    if os.geteuid() != 0:
+        if os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1":
+            pytest.skip("needs root (mount)")
+        pytest.fail("needs root (mount); set IMAGEVOL_ALLOW_SKIP=1 to skip", pytrace=False)
+    import subprocess
+
+    snaps = store.root / "snapshots"
+    store.ensure()
+    snaps.mkdir(mode=0o700)
+    stuck = snaps / f".build-{'e' * 64}-stuck1"
+    (stuck / "m").mkdir(parents=True)
+    (stuck / "gone").write_text("removable")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(stuck / "m")], check=True)
+    try:
+        yield stuck
+    finally:
+        subprocess.run(["umount", str(stuck / "m")], check=True)
+
+
+def test_undeletable_leftover_build_does_not_block_other_builds(store: Store, b: Builder, mounted_leftover) -> None:
+    from imagevol.mount import gc
+
+    m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
+    assert tree(materialize(store, m).path) == {"x": "x"}
+    m2 = b.manifest([b.desc("mediatype/x", b"x2", {mt.ANN_TITLE: "x2"})], artifact_type=AT)
+    assert tree(materialize(store, m2).path) == {"x2": "x2"}
+    assert gc(root=store).removed_builds == []  # gc does not fail either
+    assert os.path.ismount(mounted_leftover / "m")
+    assert not (mounted_leftover / "gone").exists()  # what could be removed is gone

@@ -264,6 +264,7 @@ class GcResult:
     ingest_bytes_freed: int = 0
     expired_leases: list[str] = field(default_factory=list)
     removed_snapshots: list[str] = field(default_factory=list)
+    removed_builds: list[str] = field(default_factory=list)
     dry_run: bool = False
 
 
