@@ -393,17 +393,19 @@ def _rmtree_at(pfd: int, name: str, dev: int) -> None:
         raise failed[0]
 
 
-def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
-    """(dir fd, name, lstat) of every entry below ``fd``, children before their directory, names in
-    sorted order. Iterative (an explicit stack of open directories): any depth is walked."""
-    stack: list[tuple[int, list[str], str | None, os.stat_result | None, int | None]] = [
-        (fd, sorted(os.listdir(fd), reverse=True), None, None, None)
+def _walk_tree(fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
+    """(dir fd, relative path, name, lstat) of every entry below ``fd``, children before their
+    directory, names in sorted order. Iterative (an explicit stack of open directories): any depth
+    is walked."""
+    stack: list[tuple[int, list[str], str, os.stat_result | None, int | None]] = [
+        (fd, sorted(os.listdir(fd), reverse=True), "", None, None)
     ]
     try:
         while stack:
-            dfd, pending, dname, dst, parent = stack[-1]
+            dfd, pending, drel, dst, parent = stack[-1]
             if pending:
                 name = pending.pop()
+                rel = f"{drel}/{name}" if drel else name
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
                     cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
@@ -412,19 +414,25 @@ def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
                     except BaseException:
                         os.close(cfd)
                         raise
-                    stack.append((cfd, names, name, st, dfd))
+                    stack.append((cfd, names, rel, st, dfd))
                 else:
-                    yield dfd, name, st
+                    yield dfd, rel, name, st
                 continue
             stack.pop()
             if parent is not None:
                 os.close(dfd)
-                assert dname is not None and dst is not None
-                yield parent, dname, dst
+                assert dst is not None
+                yield parent, drel, drel.rsplit("/", 1)[-1], dst
     finally:
         for dfd, _, _, _, parent in stack:
             if parent is not None:
                 os.close(dfd)
+
+
+def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
+    """(dir fd, name, lstat) of every entry below ``fd``, children before their directory."""
+    for dfd, _, name, st in _walk_tree(fd):
+        yield dfd, name, st
 
 
 def _seal(root_fd: int) -> int:

@@ -36,6 +36,7 @@ from imagevol.unpack.applier import ApplyOptions
 from tests.support import corpus, oci
 from tests.support.clirun import HostGuard, Imagevol, clear_error, make_sentinel, mounts_under
 from tests.support.corpus import OCI_LAYER, OCI_LAYER_ZSTD, T
+from tests.support.deeptree import rm_deep
 from tests.support.layout import LayoutWriter, dumps
 from tests.support.rogue import RogueRegistry, sha256_digest
 from tests.support.tars import TITLE, push_artifact, push_image
@@ -715,9 +716,12 @@ def test_bomb_limits_cover_tar_probing(registry, client, iv, monkeypatch) -> Non
 # --------------------------------------------------------------------------- 9. deep paths, leftover builds
 
 
-def test_title_of_3000_components_refused_and_the_store_stays_usable(registry, client, iv, guard, tmp_path) -> None:
+def test_title_of_3000_components_refused_and_the_store_stays_usable(
+    registry, client, iv, guard, tmp_path, request
+) -> None:
     """Found by the issue "Trust the store": this title ended in a RecursionError, left a `.build-*`
     tree imagevol could not delete, and every later mount of any content in the store failed."""
+    request.addfinalizer(lambda: rm_deep(iv.root))  # what a failing run leaves is too deep for pytest
     deep = _repo("deep-title")
     push_artifact(client, deep, "t", [(OCI_LAYER, b"payload", {TITLE: "a/" * 3000 + "f"})])
     target = tmp_path / "mnt" / "deep"

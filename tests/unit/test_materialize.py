@@ -28,6 +28,7 @@ from imagevol.materialize import (
 )
 from imagevol.store import Store
 from imagevol.unpack.applier import ApplyOptions
+from tests.support.deeptree import make_deep, rm_deep
 
 AT = "application/vnd.example.artifact"
 
@@ -673,26 +674,15 @@ def test_digest_is_a_digest(store: Store, b: Builder) -> None:
 
 
 # -- hostile depths and leftover builds (issue item 9) ---------------------------------------------
-def _deep_tree(top: Path, depth: int, *, seal: bool = False) -> None:
-    """``top/a/a/.../a/f`` ``depth`` directories deep, made one component at a time (the full path
-    is longer than PATH_MAX); sealed read-only like a snapshot when ``seal``."""
-    top.mkdir()
-    fds = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
-    try:
-        for _ in range(depth):
-            os.mkdir("a", 0o755, dir_fd=fds[-1])
-            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
-        fd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fds[-1])
-        os.close(fd)
-        if seal:
-            for fd in fds:
-                os.fchmod(fd, 0o555)
-    finally:
-        for fd in fds:
-            os.close(fd)
+@pytest.fixture
+def deep_cleanup(tmp_path: Path) -> Any:
+    """Remove deep trees a failing test leaves (pytest's own cleanup is recursive)."""
+    yield
+    for p in tmp_path.iterdir():
+        rm_deep(p)
 
 
-def test_title_3000_components_refused_before_building(store: Store, b: Builder) -> None:
+def test_title_3000_components_refused_before_building(store: Store, b: Builder, deep_cleanup: None) -> None:
     deep = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "a/" * 3000 + "f"})], artifact_type=AT)
     with pytest.raises(UnsafeContentError, match="6001 bytes long, the limit is 4095"):
         materialize(store, deep)
@@ -728,22 +718,22 @@ def test_kitfile_path_over_the_depth_limit_refused(store: Store, b: Builder) -> 
     assert leftovers(store) == []
 
 
-def test_force_rmtree_and_walks_handle_any_depth(tmp_path: Path) -> None:
+def test_force_rmtree_and_walks_handle_any_depth(tmp_path: Path, deep_cleanup: None) -> None:
     from imagevol.materialize import count_files, force_rmtree
 
-    _deep_tree(tmp_path / "t", 3000, seal=True)
+    make_deep(tmp_path / "t", 3000, seal=True)
     assert count_files(tmp_path / "t") == 1
     force_rmtree(tmp_path / "t")
     assert not os.path.lexists(tmp_path / "t")
 
 
-def test_gc_removes_a_3000_deep_stale_build(store: Store, b: Builder) -> None:
+def test_gc_removes_a_3000_deep_stale_build(store: Store, b: Builder, deep_cleanup: None) -> None:
     from imagevol.mount import gc
 
     snaps = store.root / "snapshots"
     store.ensure()
     snaps.mkdir(mode=0o700)
-    _deep_tree(snaps / f".build-{'c' * 64}-dead01", 3000, seal=True)
+    make_deep(snaps / f".build-{'c' * 64}-dead01", 3000, seal=True)
     res = gc(root=store, dry_run=True)
     assert res.removed_builds == [f".build-{'c' * 64}-dead01"] and leftovers(store) != []
     res = gc(root=store)
