@@ -64,6 +64,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -103,6 +104,8 @@ __all__ = [
     "LayerFeed",
     "MaterializeOptions",
     "Snapshot",
+    "SnapshotCheck",
+    "check_snapshots",
     "clean_stale_builds",
     "copy_fd",
     "find_snapshot",
@@ -111,6 +114,7 @@ __all__ = [
     "remove_snapshot",
     "snapshot_key",
     "snapshots_dir",
+    "verify_snapshot",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,6 +122,9 @@ log = logging.getLogger(__name__)
 SNAPSHOTS = "snapshots"
 BUILD_PREFIX = ".build-"
 INFO_PREFIX = ".info-"
+RECORD_PREFIX = ".record-"
+#: Version of the snapshot record format (docs/architecture.md, "Snapshot records").
+RECORD_VERSION = 1
 UNTITLED_POLICIES = ("skip", "digest")
 NAME_MAX = 255
 CHUNK = 1 << 20
@@ -255,6 +262,10 @@ def _info_path(snaps: Path, key: str) -> Path:
     return snaps / f"{INFO_PREFIX}{key}.json"
 
 
+def _record_path(snaps: Path, key: str) -> Path:
+    return snaps / f"{RECORD_PREFIX}{key}.json"
+
+
 def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | None:
     """Delete the snapshot `key` (its tree, info file and record) unless it is being built right
     now; returns the bytes its files took (hard links to blobs count nothing), or None if busy.
@@ -278,6 +289,8 @@ def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | N
                 store.meta.remove_snapshot(key)
                 with contextlib.suppress(FileNotFoundError):
                     _info_path(snaps, key).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    _record_path(snaps, key).unlink()
                 doomed = snaps / f"{BUILD_PREFIX}{key}-gc{os.urandom(4).hex()}"
                 try:
                     os.rename(path, doomed)
@@ -457,6 +470,261 @@ def count_files(path: Path) -> int:
         return sum(1 for _, _, st in _walk_fd(fd) if stat.S_ISREG(st.st_mode))
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshot records: what a snapshot holds, written at build time, checked by fsck
+
+#: Entry types of a record.
+_TYPES = (
+    (stat.S_ISREG, "file"),
+    (stat.S_ISDIR, "dir"),
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISCHR, "chr"),
+    (stat.S_ISBLK, "blk"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "sock"),
+)
+
+
+def _type_of(st: os.stat_result) -> str:
+    for test, name in _TYPES:
+        if test(st.st_mode):
+            return name
+    return "other"
+
+
+def _hash_at(dfd: int, name: str, algorithm: str = "sha256") -> str:
+    """``algorithm:hex`` of the regular file ``name`` of ``dfd`` (never following a symlink)."""
+    h = hashlib.new(algorithm)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := os.readv(fd, [view]):
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def _entry(dfd: int, rel: str, name: str, st: os.stat_result, content: str | None) -> list[Any]:
+    """One record entry: ``[path, type, mode, size, uid, gid, extra]``; ``extra`` is the content
+    digest of a file, the target of a symlink, ``major:minor`` of a device, else None."""
+    typ = _type_of(st)
+    extra: str | None = None
+    size = 0
+    if typ == "file":
+        size = st.st_size
+        extra = content
+    elif typ == "symlink":
+        extra = os.fsdecode(os.readlink(name, dir_fd=dfd))
+    elif typ in ("chr", "blk"):
+        extra = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return [rel, typ, stat.S_IMODE(st.st_mode), size, st.st_uid, st.st_gid, extra]
+
+
+def _blob_inode(store: Store, digest: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(store.blob_path(Digest(digest)), follow_symlinks=False)
+    except (OSError, ImagevolError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def make_record(store: Store, root_fd: int, known: dict[tuple[int, int], str]) -> list[list[Any]]:
+    """The record of the tree at ``root_fd``: its root (``"."``) and every entry below, sorted
+    children-first as walked. Regular files carry their content digest: for a hard link to a
+    verified blob (an inode in ``known`` that is still the blob's) the blob's digest, for anything
+    else the sha256 of its bytes, read once per inode."""
+    entries: list[list[Any]] = []
+    by_inode: dict[tuple[int, int], str] = {}
+    for dfd, rel, name, st in _walk_tree(root_fd):
+        content = None
+        if stat.S_ISREG(st.st_mode):
+            ino = (st.st_dev, st.st_ino)
+            content = by_inode.get(ino)
+            if content is None:
+                blob = known.get(ino)
+                content = blob if blob is not None and _blob_inode(store, blob) == ino else _hash_at(dfd, name)
+                by_inode[ino] = content
+        entries.append(_entry(dfd, rel, name, st, content))
+    entries.append(_entry(root_fd, ".", ".", os.fstat(root_fd), None))
+    return entries
+
+
+@dataclass
+class SnapshotCheck:
+    """What :func:`check_snapshots` found. ``damaged``: key -> the first problems found;
+    ``unverifiable``: snapshots without a record (built before records existed); ``in_use``: damaged
+    snapshots a volume still uses (not dropped: they cannot be rebuilt under a live mount);
+    ``dropped``: damaged (or, on repair, unverifiable and unused) snapshots removed so that the next
+    mount rebuilds them."""
+
+    checked: int = 0
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    unverifiable: list[str] = field(default_factory=list)
+    in_use: dict[str, list[str]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def problems_left(self) -> list[str]:
+        """Damaged snapshots still in the store."""
+        return [k for k in self.damaged if k not in self.dropped]
+
+
+_MAX_DETAILS = 20
+
+
+def _load_record(snaps: Path, key: str) -> list[list[Any]] | None:
+    """The entries of a snapshot's record; None if there is none; ValueError if it is unreadable."""
+    try:
+        raw = _record_path(snaps, key).read_bytes()
+    except FileNotFoundError:
+        return None
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("key") != key:
+        raise ValueError("not a version-1 record of this snapshot")
+    entries = doc.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 7 for e in entries):
+        raise ValueError("malformed entries")
+    return entries
+
+
+def verify_snapshot(
+    store: Store,
+    key: str,
+    *,
+    quick: bool = False,
+    trusted: Callable[[str, tuple[int, int]], bool] | None = None,
+    stats: SnapshotCheck | None = None,
+) -> list[str] | None:
+    """Compare the snapshot ``key`` with its record: missing and extra entries, a changed type,
+    mode, size, owner or symlink target, and (unless ``quick``) the content digest of every regular
+    file. ``trusted(digest, (dev, ino))`` may vouch for a file without reading it (a hard link to a
+    blob that was just verified). Returns the problems found ([] clean), None without a record."""
+    snaps = store.root / SNAPSHOTS
+    try:
+        record = _load_record(snaps, key)
+    except (OSError, ValueError) as e:
+        return [f"record unreadable: {e}"]
+    if record is None:
+        return None
+    want: dict[str, list[Any]] = {str(e[0]): e for e in record}
+    problems: list[str] = []
+    seen: set[str] = set()
+    hashed: dict[tuple[int, int], str] = {}
+
+    def note(msg: str) -> None:
+        problems.append(msg)
+
+    try:
+        root_fd = os.open(snaps / key, _DIR_FLAGS)
+    except OSError as e:
+        return [f"snapshot directory unreadable: {e.strerror}"]
+    try:
+        walked = [(root_fd, ".", ".", os.fstat(root_fd))]
+        for dfd, rel, name, st in itertools.chain(walked, _walk_tree(root_fd)):
+            seen.add(rel)
+            exp = want.get(rel)
+            if exp is None:
+                note(f"extra: {rel}")
+                continue
+            got = _entry(dfd, rel, name, st, None)
+            for i, what in ((1, "type"), (2, "mode"), (3, "size"), (4, "uid"), (5, "gid")):
+                if got[i] != exp[i]:
+                    shown = (oct(exp[i]), oct(got[i])) if what == "mode" else (exp[i], got[i])
+                    note(f"changed: {rel}: {what} {shown[0]} -> {shown[1]}")
+                    break
+            else:
+                if got[1] in ("symlink", "chr", "blk") and got[6] != exp[6]:
+                    note(f"changed: {rel}: target {exp[6]!r} -> {got[6]!r}")
+                elif got[1] == "file" and not quick:
+                    ino = (st.st_dev, st.st_ino)
+                    if isinstance(exp[6], str) and trusted is not None and trusted(exp[6], ino):
+                        continue
+                    digest = hashed.get(ino)
+                    if digest is None:
+                        try:
+                            alg = Digest(exp[6]).algorithm if isinstance(exp[6], str) else "sha256"
+                        except InvalidDigestError:
+                            alg = "sha256"
+                        digest = _hash_at(dfd, name, alg)
+                        hashed[ino] = digest
+                        if stats is not None:
+                            stats.files_hashed += 1
+                            stats.bytes_hashed += st.st_size
+                    if digest != exp[6]:
+                        note(f"content: {rel}: {exp[6]} -> {digest}")
+    except OSError as e:
+        note(f"walk failed: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    finally:
+        os.close(root_fd)
+    for rel in want:
+        if rel not in seen:
+            note(f"missing: {rel}")
+    return problems
+
+
+def snapshot_keys(store: Store) -> list[str]:
+    """The keys of the snapshots in ``R/snapshots`` (directories with a snapshot key as name)."""
+    snaps = store.root / SNAPSHOTS
+    try:
+        names = sorted(os.listdir(snaps))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name in names:
+        if _KEY_RE.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.stat(snaps / name, follow_symlinks=False).st_mode):
+                    out.append(name)
+    return out
+
+
+def check_snapshots(
+    store: Store,
+    *,
+    repair: bool = False,
+    quick: bool = False,
+    trusted: Callable[[str, tuple[int, int]], bool] | None = None,
+) -> SnapshotCheck:
+    """Check every snapshot against its record (:func:`verify_snapshot`). With ``repair``, a damaged
+    snapshot no volume uses is dropped the way gc drops one (record and info first, then renamed to
+    ``.build-*`` and deleted), so the next mount rebuilds it; so is an unused snapshot without a
+    record (rebuilt with one). A damaged snapshot a volume uses is reported in ``in_use`` and kept:
+    unmount the volume, then repair again. Stale ``.build-*`` directories are removed too."""
+    res = SnapshotCheck()
+    guard = store.lock("gc") if repair else contextlib.nullcontext()
+    with guard:
+        users: dict[str, list[str]] = {}
+        for v in store.meta.list_volumes():
+            if v.snapshot_key:
+                users.setdefault(v.snapshot_key, []).append(v.target)
+        for key in snapshot_keys(store):
+            problems = verify_snapshot(store, key, quick=quick, trusted=trusted, stats=res)
+            res.checked += 1
+            if problems is None:
+                res.unverifiable.append(key)
+                if repair and key not in users and remove_snapshot(store, key) is not None:
+                    res.dropped.append(key)
+                continue
+            if not problems:
+                continue
+            res.damaged[key] = problems[:_MAX_DETAILS] + (
+                [f"... and {len(problems) - _MAX_DETAILS} more"] if len(problems) > _MAX_DETAILS else []
+            )
+            if key in users:
+                res.in_use[key] = users[key]
+            elif repair and remove_snapshot(store, key) is not None:
+                res.dropped.append(key)
+        if repair:
+            clean_stale_builds(store)
+    return res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,6 +945,13 @@ class _Builder:
         self.image_opts = opts.apply if opts.apply is not None else ApplyOptions()
         self.artifact_opts = dataclasses.replace(self.image_opts, whiteouts=False)
         self.root_fd = os.open(root, _DIR_FLAGS)
+        #: (st_dev, st_ino) -> digest of the files that are hard links to verified blobs, whose
+        #: content the snapshot record takes from the blob's name instead of reading them.
+        self.known: dict[tuple[int, int], str] = {}
+
+    def _know(self, pfd: int, name: str, digest: Digest) -> None:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        self.known[(st.st_dev, st.st_ino)] = str(digest)
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -746,6 +1021,7 @@ class _Builder:
             if mode is None and compression == "none":
                 try:
                     os.link(self.store.blob_path(layer.digest), name, dst_dir_fd=pfd, follow_symlinks=False)
+                    self._know(pfd, name, layer.digest)
                     return
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.EOPNOTSUPP):
@@ -1100,8 +1376,8 @@ def _read_info(snaps: Path, key: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _write_info(snaps: Path, key: str, info: dict[str, Any]) -> None:
-    path = _info_path(snaps, key)
+def _write_info(snaps: Path, key: str, info: dict[str, Any], *, path: Path | None = None) -> None:
+    path = _info_path(snaps, key) if path is None else path
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, _NEW_FILE, 0o600)
     try:
@@ -1232,8 +1508,15 @@ def materialize(
             builder = _Builder(store, manifest, build, opts, warn, feed)
             try:
                 files = builder.run(fl)
+                record = make_record(store, builder.root_fd, builder.known)
             finally:
                 builder.close()
+            _write_info(
+                snaps,
+                key,
+                {"version": RECORD_VERSION, "key": key, "digest": str(manifest.digest), "entries": record},
+                path=_record_path(snaps, key),
+            )
             info = {
                 "flavour": fl,
                 "files": files,
@@ -1249,6 +1532,8 @@ def materialize(
                 force_rmtree(build)
             with contextlib.suppress(OSError):
                 _info_path(snaps, key).unlink()
+            with contextlib.suppress(OSError):
+                _record_path(snaps, key).unlink()
             with contextlib.suppress(Exception):
                 store.meta.remove_snapshot(key)
             raise

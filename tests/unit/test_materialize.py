@@ -663,7 +663,7 @@ def test_concurrent_materialize_builds_once(store: Store, b: Builder) -> None:
         assert p.exitcode == 0
     assert sorted(r[0] for r in results) == [False, True]
     assert len({r[1] for r in results}) == 1 and {r[2] for r in results} == {4}
-    names = [n for n in os.listdir(store.root / "snapshots") if not n.startswith(".info-")]
+    names = [n for n in os.listdir(store.root / "snapshots") if not n.startswith((".info-", ".record-"))]
     assert names == [m.digest.hex]
 
 
@@ -786,3 +786,144 @@ def test_undeletable_leftover_build_does_not_block_other_builds(store: Store, b:
     assert gc(root=store).removed_builds == []  # gc does not fail either
     assert os.path.ismount(mounted_leftover / "m")
     assert not (mounted_leftover / "gone").exists()  # what could be removed is gone
+
+
+# -- snapshot records and their check (issue item 2) -----------------------------------------------
+def _record(store: Store, key: str) -> dict[str, Any]:
+    return json.loads((store.root / "snapshots" / f".record-{key}.json").read_bytes())
+
+
+def _mixed(store: Store, b: Builder) -> Manifest:
+    """An artifact with a raw file (hard link to its blob) and a tar+gzip directory holding a file,
+    an executable, a symlink and a subdirectory."""
+    return b.manifest(
+        [
+            b.desc("application/x", b"raw bytes", {mt.ANN_TITLE: "raw.bin"}),
+            b.desc(
+                mt.OCI_LAYER_GZIP,
+                gz(
+                    tar(
+                        [
+                            ("d/", None),
+                            ("d/f", b"file"),
+                            ("d/run", ("mode", b"#!/bin/sh\n", 0o755)),
+                            ("d/l", ("symlink", "f")),
+                            ("d/s/", None),
+                        ]
+                    )
+                ),
+                {mt.ANN_TITLE: "d"},
+            ),
+        ],
+        artifact_type=AT,
+    )
+
+
+def test_record_written_at_build_time(store: Store, b: Builder) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = _mixed(store, b)
+    snap = materialize(store, m)
+    doc = _record(store, snap.key)
+    assert doc["version"] == 1 and doc["key"] == snap.key and doc["digest"] == str(m.digest)
+    entries = {e[0]: e for e in doc["entries"]}
+    assert set(entries) == {".", "raw.bin", "d", "d/f", "d/run", "d/l", "d/s"}
+    raw_blob = m.layers[0].digest
+    assert entries["raw.bin"][1:4] == ["file", stat.S_IMODE(os.stat(snap.path / "raw.bin").st_mode), 9]
+    assert entries["raw.bin"][6] == str(raw_blob)  # taken from the blob, not re-read
+    assert entries["d/f"][6] == sha(b"file") and entries["d/f"][3] == 4
+    assert entries["d/run"][2] == stat.S_IMODE(os.stat(snap.path / "d/run").st_mode)
+    assert entries["d/run"][2] & 0o111  # the real mode, whatever the sealing keeps
+    assert entries["d/l"][1] == "symlink" and entries["d/l"][6] == "f"
+    assert entries["d/s"][1] == "dir" and entries["."][1] == "dir"
+    res = check_snapshots(store)
+    assert res.checked == 1 and res.damaged == {} and res.unverifiable == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle", "quick_sees"),
+    [
+        ("flip", "content: d/f: sha256:", False),
+        ("chmod", "changed: d/f: mode", True),
+        ("delete", "missing: d/f", True),
+        ("extra", "extra: d/new", True),
+        ("retarget", "changed: d/l: target 'f' -> 'run'", True),
+        ("truncate", "changed: d/f: size 4 -> 2", True),
+        ("replace-dir", "changed: d/s: type dir -> file", True),
+        ("record", "record unreadable", True),
+    ],
+)
+def test_check_finds_damage_and_repair_drops_the_snapshot(
+    store: Store, b: Builder, damage: str, needle: str, quick_sees: bool
+) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = _mixed(store, b)
+    snap = materialize(store, m)
+    p = snap.path
+    os.chmod(p / "d", 0o755)
+    if damage == "flip":
+        os.chmod(p / "d/f", 0o644)
+        (p / "d/f").write_bytes(b"fil3")  # same size, same mode: only the content differs
+        os.chmod(p / "d/f", _record_mode(store, snap.key, "d/f"))
+    elif damage == "chmod":
+        os.chmod(p / "d/f", 0o4755)
+    elif damage == "delete":
+        (p / "d/f").unlink()
+    elif damage == "extra":
+        (p / "d/new").write_bytes(b"")
+    elif damage == "retarget":
+        (p / "d/l").unlink()
+        (p / "d/l").symlink_to("run")
+    elif damage == "truncate":
+        os.chmod(p / "d/f", 0o644)
+        (p / "d/f").write_bytes(b"fi")
+        os.chmod(p / "d/f", _record_mode(store, snap.key, "d/f"))
+    elif damage == "replace-dir":
+        (p / "d/s").rmdir()
+        (p / "d/s").write_bytes(b"")
+    elif damage == "record":
+        (store.root / "snapshots" / f".record-{snap.key}.json").write_bytes(b"{not json")
+    if damage not in ("extra", "replace-dir", "delete", "retarget"):
+        os.chmod(p / "d", _record_mode(store, snap.key, "d") if damage != "record" else 0o555)
+    res = check_snapshots(store)
+    assert list(res.damaged) == [snap.key]
+    assert any(needle in d for d in res.damaged[snap.key]), res.damaged
+    quick = check_snapshots(store, quick=True)
+    assert (snap.key in quick.damaged) == quick_sees
+    fixed = check_snapshots(store, repair=True)
+    assert fixed.dropped == [snap.key] and fixed.problems_left == []
+    assert not p.exists() and leftovers(store) == []
+    again = materialize(store, m)
+    assert again.created and tree(again.path)["d/f"] == "file"
+    assert check_snapshots(store).damaged == {}
+
+
+def _record_mode(store: Store, key: str, rel: str) -> int:
+    return next(e[2] for e in _record(store, key)["entries"] if e[0] == rel)
+
+
+def test_snapshot_without_record_is_unverifiable_and_rebuilt_on_repair(store: Store, b: Builder) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = _mixed(store, b)
+    snap = materialize(store, m)
+    (store.root / "snapshots" / f".record-{snap.key}.json").unlink()  # as built before records existed
+    res = check_snapshots(store)
+    assert res.unverifiable == [snap.key] and res.damaged == {} and res.problems_left == []
+    fixed = check_snapshots(store, repair=True)
+    assert fixed.dropped == [snap.key]
+    again = materialize(store, m)
+    assert again.created and _record(store, again.key)["version"] == 1
+    assert check_snapshots(store).unverifiable == []
+
+
+def test_image_snapshot_record_covers_every_layer(store: Store, b: Builder) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = b.image([tar([("a", b"1"), ("b/", None), ("b/c", b"22")]), tar([("a", b"333"), ("b/.wh.c", b"")])])
+    snap = materialize(store, m)
+    entries = {e[0]: e for e in _record(store, snap.key)["entries"]}
+    assert set(entries) == {".", "a", "b"}
+    assert entries["a"][3] == 3 and entries["a"][6] == sha(b"333")
+    assert check_snapshots(store).damaged == {}
