@@ -748,7 +748,10 @@ def _layer_path(layer: Descriptor, fl: str) -> str | None:
 def _check_limits(path: str, what: str) -> None:
     """The limits the applier puts on tar entry paths, for titles, ModelPack and Kitfile paths:
     at most PATH_MAX - 1 bytes and MAX_DEPTH components (UnsafeContentError)."""
-    size = len(os.fsencode(path))
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:
+        raise UnsafeContentError(f"{what}: path {path!r} is not valid Unicode (a lone surrogate)") from None
     if size >= PATH_MAX:
         raise UnsafeContentError(
             f"{what}: path {path[:60]!r}... is {size} bytes long, the limit is {PATH_MAX - 1}",
