@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from bench.lib import proc  # noqa: E402
 from bench.lib.model import make_model  # noqa: E402
 from bench.lib.scenarios import force_unmount_below, rmtree  # noqa: E402
+
 from tests.support.registry import Registry  # noqa: E402
 
 
