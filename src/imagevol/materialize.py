@@ -534,11 +534,17 @@ def _blob_inode(store: Store, digest: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def make_record(store: Store, root_fd: int, known: dict[tuple[int, int], str]) -> list[list[Any]]:
+def make_record(
+    store: Store,
+    root_fd: int,
+    known: dict[tuple[int, int], str],
+    hashed: dict[tuple[int, int], tuple[str, int]] | None = None,
+) -> list[list[Any]]:
     """The record of the tree at ``root_fd``: its root (``"."``) and every entry below, sorted
     children-first as walked. Regular files carry their content digest: for a hard link to a
-    verified blob (an inode in ``known`` that is still the blob's) the blob's digest, for anything
-    else the sha256 of its bytes, read once per inode."""
+    verified blob (an inode in ``known`` that is still the blob's) the blob's digest; for a file
+    hashed as it was written (``hashed``: inode -> (digest, size), when the size still agrees) that
+    digest; for anything else the sha256 of its bytes, read once per inode."""
     entries: list[list[Any]] = []
     by_inode: dict[tuple[int, int], str] = {}
     for dfd, rel, name, st in _walk_tree(root_fd):
@@ -548,7 +554,13 @@ def make_record(store: Store, root_fd: int, known: dict[tuple[int, int], str]) -
             content = by_inode.get(ino)
             if content is None:
                 blob = known.get(ino)
-                content = blob if blob is not None and _blob_inode(store, blob) == ino else _hash_at(dfd, name)
+                done = hashed.get(ino) if hashed is not None else None
+                if blob is not None and _blob_inode(store, blob) == ino:
+                    content = blob
+                elif done is not None and done[1] == st.st_size:
+                    content = done[0]
+                else:
+                    content = _hash_at(dfd, name)
                 by_inode[ino] = content
         entries.append(_entry(dfd, rel, name, st, content))
     entries.append(_entry(root_fd, ".", ".", os.fstat(root_fd), None))
@@ -913,6 +925,78 @@ class _Tee:
         return self._h.hexdigest()
 
 
+class _FileHashes:
+    """sha256 of every file the applier writes, for the snapshot record, computed from the data as
+    it is written (no re-read), in a thread of its own (hashlib releases the GIL on large buffers,
+    so on two cores it overlaps decompression and writing). ``done[(dev, ino)] = (digest, size)``
+    once :meth:`finish` has returned."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], tuple[str, int]] = {}
+        # (inode, data): None starts a file (a reused inode forgets its earlier file), b"" ends it.
+        self._q: queue.Queue[tuple[tuple[int, int], bytes | None] | None] = queue.Queue(maxsize=16)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        open_: dict[tuple[int, int], tuple[Any, int]] = {}
+        while (item := self._q.get()) is not None:
+            if self._error is not None:
+                continue
+            ino, data = item
+            try:
+                if data is None:
+                    self.done.pop(ino, None)
+                    open_[ino] = (hashlib.sha256(), 0)
+                elif not data:
+                    h, size = open_.pop(ino)
+                    self.done[ino] = (f"sha256:{h.hexdigest()}", size)
+                else:
+                    h, size = open_[ino]
+                    h.update(data)
+                    open_[ino] = (h, size + len(data))
+            except BaseException as e:  # reported by finish()
+                self._error = e
+
+    def _put(self, item: tuple[tuple[int, int], bytes | None]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="imagevol-record-hash", daemon=True)
+            self._thread.start()
+        self._q.put(item)
+
+    def sink(self, fd: int) -> _FileSink:
+        st = os.fstat(fd)
+        ino = (st.st_dev, st.st_ino)
+        self._put((ino, None))
+        return _FileSink(self, ino)
+
+    def finish(self) -> None:
+        """Wait until everything written so far is hashed (idempotent; the thread ends)."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+
+class _FileSink:
+    __slots__ = ("_hashes", "_ino")
+
+    def __init__(self, hashes: _FileHashes, ino: tuple[int, int]) -> None:
+        self._hashes = hashes
+        self._ino = ino
+
+    def update(self, data: bytes) -> None:
+        if data:
+            self._hashes._put((self._ino, data))
+
+    def close(self) -> None:
+        self._hashes._put((self._ino, b""))
+
+
 # --------------------------------------------------------------------------------------------------
 # The builder
 
@@ -951,12 +1035,15 @@ class _Builder:
         #: (st_dev, st_ino) -> digest of the files that are hard links to verified blobs, whose
         #: content the snapshot record takes from the blob's name instead of reading them.
         self.known: dict[tuple[int, int], str] = {}
+        self.hashes = _FileHashes()
 
     def _know(self, pfd: int, name: str, digest: Digest) -> None:
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         self.known[(st.st_dev, st.st_ino)] = str(digest)
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.hashes.finish()
         os.close(self.root_fd)
 
     def warn(self, msg: str) -> None:
@@ -1036,6 +1123,7 @@ class _Builder:
     def _copy_blob(self, layer: Descriptor, pfd: int, name: str, mode: int, compression: str, what: str) -> None:
         dfd = os.open(name, _NEW_FILE, 0o600, dir_fd=pfd)
         try:
+            self.hashes.sink(dfd)  # not hashed as copied: forget what an earlier file of this inode had
             with self.store.open_blob(layer.digest) as f:
                 if compression == "none":
                     copy_fd(f.fileno(), dfd)
@@ -1065,7 +1153,14 @@ class _Builder:
             data = open_decompressed(f, compression, max_ratio=options.max_ratio, max_size=options.max_size)
             tee = _Tee(data, expect.hasher() if expect is not None else None)
             try:
-                apply_layer(f"/proc/self/fd/{dir_fd}", tee, compression="none", options=options, warn=self.warn)
+                apply_layer(
+                    f"/proc/self/fd/{dir_fd}",
+                    tee,
+                    compression="none",
+                    options=options,
+                    warn=self.warn,
+                    file_sink=self.hashes.sink,
+                )
                 tee.drain()
             except UnsafeContentError as e:
                 raise UnsafeContentError(f"{what}: {e.message}", e.hint) from None
@@ -1511,7 +1606,8 @@ def materialize(
             builder = _Builder(store, manifest, build, opts, warn, feed)
             try:
                 files = builder.run(fl)
-                record = make_record(store, builder.root_fd, builder.known)
+                builder.hashes.finish()
+                record = make_record(store, builder.root_fd, builder.known, builder.hashes.done)
             finally:
                 builder.close()
             _write_info(
