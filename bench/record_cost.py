@@ -1,13 +1,15 @@
 """What the snapshot record costs a cold mount: imagevol at a base commit (before records) against
 the working tree, side by side, over a loopback docker-registry.
 
-    .venv/bin/python bench/record_cost.py [--base 0e81381] [--size-mib 1024] [--rounds 3]
+    .venv/bin/python bench/record_cost.py [--tree NAME=COMMIT ...] [--size-mib 1024] [--rounds 3]
+
+Trees default to ``base=0e81381`` (before records) and ``record=WORKTREE`` (the working tree).
 
 The model of bench/run.py (two random shards, small files) is pushed twice with `imagevol pack`:
 as a tar+gzip image (`--format image --compression gzip`: its files are extracted from the layers,
 so the record hashes them) and as an artifact (`--format artifact`: raw files are hard links to
 verified blobs, whose digest the record takes without reading them). Every round mounts each
-reference into a fresh store with each tree (order alternating), `--mode bind`; reported: the
+reference into a fresh store with each tree (order rotating), `--mode bind`; reported: the
 median wall time of the whole command, its CPU seconds, and the in-process seconds minus the pull
 (materialize + mount). Needs root (bind mounts) and docker-registry.
 """
@@ -54,7 +56,12 @@ def _tree_at(commit: str, dest: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default="0e81381", help="commit before the snapshot record (default 0e81381)")
+    ap.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        help="NAME=COMMIT (or NAME=WORKTREE) to compare; default base=0e81381 record=WORKTREE",
+    )
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default=None)
@@ -62,11 +69,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="record-cost-", dir=args.workdir))
     reg = None
     try:
-        trees = {"base": _tree_at(args.base, work / "base"), "record": _tree_at("WORKTREE", work / "record")}
+        specs = [t.split("=", 1) for t in (args.tree or ["base=0e81381", "record=WORKTREE"])]
+        trees = {name: _tree_at(commit, work / name) for name, commit in specs}
         model = work / "model"
         make_model(model, args.size_mib)
         reg = Registry.start(work / "registry")
-        env = {**os.environ, "PYTHONPATH": str(trees["record"]), "IMAGEVOL_PACK_CACHE": "off"}
+        env = {**os.environ, "PYTHONPATH": str(_tree_at("WORKTREE", work / "packer")), "IMAGEVOL_PACK_CACHE": "off"}
         refs = {}
         for fmt, extra in (("image", ["--compression", "gzip"]), ("artifact", [])):
             ref = f"{reg.host}/bench/record-{fmt}:v1"
@@ -79,7 +87,8 @@ def main() -> int:
             refs[fmt] = ref
         rows: dict[tuple[str, str], list[dict[str, float]]] = {}
         for rnd in range(args.rounds):
-            order = list(trees) if rnd % 2 == 0 else list(reversed(trees))
+            names = list(trees)
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for fmt, ref in refs.items():
                 for name in order:
                     store, target = work / "store", work / "target"
@@ -99,11 +108,12 @@ def main() -> int:
                     force_unmount_below(target)
                     rmtree(store)
                     rmtree(target)
-        print(f"{args.size_mib} MiB model, {args.rounds} rounds, medians; base = {args.base}, record = working tree")
-        print(f"{'reference':<10} {'tree':<7} {'wall s':>8} {'cpu s':>8} {'after pull s':>13}")
+        shown = ", ".join(f"{n}={c}" for n, c in specs)
+        print(f"{args.size_mib} MiB model, {args.rounds} rounds, medians; trees: {shown}")
+        print(f"{'reference':<10} {'tree':<10} {'wall s':>8} {'cpu s':>8} {'after pull s':>13}")
         for (fmt, name), runs in sorted(rows.items()):
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"{fmt:<10} {name:<7} {med['wall_s']:8.2f} {med['cpu_s']:8.2f} {med['after_pull_s']:13.2f}")
+            print(f"{fmt:<10} {name:<10} {med['wall_s']:8.2f} {med['cpu_s']:8.2f} {med['after_pull_s']:13.2f}")
         return 0
     finally:
         if reg is not None:

@@ -6,7 +6,11 @@ built in ``R/snapshots/.build-<key>-<random>`` under the file lock ``store.lock(
 sealed read-only and renamed into place atomically; a second caller (thread or process) waits on
 the lock and reuses the result. A crash leaves only a ``.build-*`` directory, removed by the next
 call. Facts about a snapshot (file count, warnings, what each layer became) are kept beside it in
-``R/snapshots/.info-<key>.json`` so a reuse costs no tree walk.
+``R/snapshots/.info-<key>.json`` so a reuse costs no tree walk. What it holds (every entry's path,
+type, mode, size, owner, and each file's content digest) is recorded at build time in
+``R/snapshots/.record-<key>.json``; ``imagevol fsck`` checks the tree against it
+(:func:`check_snapshots`, docs/architecture.md). A ``.build-*`` leftover that cannot be removed
+never fails another build, and gc removes those no builder holds (:func:`clean_stale_builds`).
 
 How a manifest becomes files depends on its flavour (:func:`imagevol.manifest.flavour`):
 
