@@ -459,6 +459,7 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
                     "removed": [str(d) for d in res.removed],
                     "removedSnapshots": res.removed_snapshots,
                     "removedIngests": res.removed_ingests,
+                    "removedBuilds": res.removed_builds,
                     "bytesFreed": freed,
                     "dryRun": dry_run,
                 },
@@ -468,36 +469,67 @@ def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     else:
         click.echo(
             f"{'would remove' if dry_run else 'removed'} {len(res.removed)} blob(s), "
-            f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s): "
+            f"{len(res.removed_snapshots)} snapshot(s), {len(res.removed_ingests)} stale download(s), "
+            f"{len(res.removed_builds)} stale build(s): "
             f"{freed} bytes"
         )
 
 
 @main.command()
-@click.option("--repair", is_flag=True, help="Quarantine bad blobs and drop dangling records.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Quarantine bad blobs, drop dangling records and damaged snapshots no volume uses (the next mount rebuilds).",
+)
+@click.option("--quick", is_flag=True, help="Check snapshots' entries and metadata but not their files' content.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handle_errors
-def fsck(ctx: click.Context, repair: bool, as_json: bool) -> None:
-    """Re-verify every blob in the store; exit 4 when something is wrong (and not repaired)."""
+def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
+    """Re-verify every blob and every snapshot (against the record written when it was built).
+
+    Exit 0 when the store is clean (or a --repair fixed everything), 4 while problems remain."""
     import dataclasses
 
-    from .store import Store
-    from .store import fsck as run_fsck
+    from .mount import fsck as run_fsck
 
-    res = run_fsck(Store(ctx.obj["root"]), repair=repair)
-    doc = {k: ([str(x) for x in v] if isinstance(v, list) else v) for k, v in dataclasses.asdict(res).items()}
+    res = run_fsck(root=ctx.obj["root"], repair=repair, quick=quick)
+    left = res.problems_left
+    doc = dataclasses.asdict(res)  # Digest is a str: it serializes as "sha256:..."; pairs as lists
     if as_json:
-        click.echo(json.dumps({**doc, "ok": res.ok}, indent=2, default=str))
+        click.echo(json.dumps({**doc, "ok": res.ok, "problemsLeft": left}, indent=2))
     else:
         for k, v in doc.items():
-            if isinstance(v, list) and v:
+            if isinstance(v, (list, dict)) and v:
                 click.echo(f"{k}: {len(v)}")
-                for x in v[:20]:
-                    click.echo(f"  {x}")
-        click.echo("ok" if res.ok else "problems found")
-    if not res.ok and not repair:
-        sys.exit(4)
+                items = v.items() if isinstance(v, dict) else enumerate(v)
+                for i, (key, x) in enumerate(items):
+                    if i >= 20:
+                        click.echo("  ...")
+                        break
+                    if isinstance(v, dict):
+                        click.echo(f"  {key}: " + "; ".join(str(y) for y in x[:5]))
+                    else:
+                        click.echo("  " + (" -> ".join(x) if isinstance(x, (list, tuple)) else str(x)))
+        if res.ok:
+            click.echo("ok")
+        elif not left:
+            click.echo("problems found, all repaired")
+        else:
+            click.echo(f"problems found: {len(left)} left")
+    if left:
+        hints = []
+        if res.snapshots_in_use:
+            hints.append("unmount the volumes on damaged snapshots, then run `imagevol fsck --repair` again")
+        elif not repair:
+            hints.append("`imagevol fsck --repair` fixes what it can")
+        if res.missing_children or res.quarantined:
+            hints.append("pull the affected references again to fetch missing content")
+        if res.stray_files and repair:
+            hints.append("move the stray files listed out of the store's blobs/ (imagevol never writes them)")
+        if not hints:
+            hints.append("`imagevol fsck --json` lists every problem")
+        _fail(f"{len(left)} problem(s) left in the store {ctx.obj['root']}", "; ".join(hints) or None, 4)
 
 
 @main.command("mount")

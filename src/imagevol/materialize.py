@@ -6,7 +6,11 @@ built in ``R/snapshots/.build-<key>-<random>`` under the file lock ``store.lock(
 sealed read-only and renamed into place atomically; a second caller (thread or process) waits on
 the lock and reuses the result. A crash leaves only a ``.build-*`` directory, removed by the next
 call. Facts about a snapshot (file count, warnings, what each layer became) are kept beside it in
-``R/snapshots/.info-<key>.json`` so a reuse costs no tree walk.
+``R/snapshots/.info-<key>.json`` so a reuse costs no tree walk. What it holds (every entry's path,
+type, mode, size, owner, and each file's content digest) is recorded at build time in
+``R/snapshots/.record-<key>.json``; ``imagevol fsck`` checks the tree against it
+(:func:`check_snapshots`, docs/architecture.md). A ``.build-*`` leftover that cannot be removed
+never fails another build, and gc removes those no builder holds (:func:`clean_stale_builds`).
 
 How a manifest becomes files depends on its flavour (:func:`imagevol.manifest.flavour`):
 
@@ -69,7 +73,9 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import itertools
 import json
+import logging
 import os
 import queue
 import re
@@ -100,13 +106,16 @@ from .jsonutil import loads as json_loads
 from .manifest import MAX_CONFIG_SIZE, Descriptor, Manifest, parse_config
 from .manifest import flavour as manifest_flavour
 from .store import Store
-from .unpack.applier import ApplyOptions, apply_layer, clean_path
+from .unpack.applier import MAX_DEPTH, PATH_MAX, ApplyOptions, apply_layer, clean_path
 from .unpack.compression import open_decompressed
 
 __all__ = [
     "LayerFeed",
     "MaterializeOptions",
     "Snapshot",
+    "SnapshotCheck",
+    "check_snapshots",
+    "clean_stale_builds",
     "copy_fd",
     "find_snapshot",
     "force_rmtree",
@@ -114,11 +123,17 @@ __all__ = [
     "remove_snapshot",
     "snapshot_key",
     "snapshots_dir",
+    "verify_snapshot",
 ]
+
+log = logging.getLogger(__name__)
 
 SNAPSHOTS = "snapshots"
 BUILD_PREFIX = ".build-"
 INFO_PREFIX = ".info-"
+RECORD_PREFIX = ".record-"
+#: Version of the snapshot record format (docs/architecture.md, "Snapshot records").
+RECORD_VERSION = 1
 UNTITLED_POLICIES = ("skip", "digest")
 NAME_MAX = 255
 CHUNK = 1 << 20
@@ -264,6 +279,10 @@ def _info_path(snaps: Path, key: str) -> Path:
     return snaps / f"{INFO_PREFIX}{key}.json"
 
 
+def _record_path(snaps: Path, key: str) -> Path:
+    return snaps / f"{RECORD_PREFIX}{key}.json"
+
+
 def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | None:
     """Delete the snapshot `key` (its tree, info file and record) unless it is being built right
     now; returns the bytes its files took (hard links to blobs count nothing), or None if busy.
@@ -273,17 +292,22 @@ def remove_snapshot(store: Store, key: str, *, dry_run: bool = False) -> int | N
         with store.lock(_lock_name(key), blocking=False):
             path = snaps / key
             freed = 0
-            for dirpath, dirnames, filenames in os.walk(path):
-                for n in dirnames + filenames:
-                    st = os.lstat(os.path.join(dirpath, n))
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                        freed += st.st_blocks * 512
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                fd = os.open(path, _DIR_FLAGS)
+                try:
+                    for _, _, st in _walk_fd(fd):
+                        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                            freed += st.st_blocks * 512
+                finally:
+                    os.close(fd)
             if not dry_run:
                 # Out of sight first (record, info, name), then delete: a kill mid-delete leaves a
                 # `.build-*` leftover the next materialize sweeps, never a partial snapshot in use.
                 store.meta.remove_snapshot(key)
                 with contextlib.suppress(FileNotFoundError):
                     _info_path(snaps, key).unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    _record_path(snaps, key).unlink()
                 doomed = snaps / f"{BUILD_PREFIX}{key}-gc{os.urandom(4).hex()}"
                 try:
                     os.rename(path, doomed)
@@ -324,7 +348,8 @@ def copy_fd(src: int, dst: int) -> int:
 
 def force_rmtree(path: str | os.PathLike[str]) -> None:
     """Remove ``path`` and everything below it, making directories writable first (sealed trees)
-    and never following a symlink or crossing into another file system."""
+    and never following a symlink or crossing into another file system. Iterative: a tree of any
+    depth is removed (no recursion, one open descriptor per level)."""
     path = os.fspath(path)
     try:
         st = os.stat(path, follow_symlinks=False)
@@ -341,7 +366,7 @@ def force_rmtree(path: str | os.PathLike[str]) -> None:
         os.close(pfd)
 
 
-def _rmtree_at(pfd: int, name: str, dev: int) -> None:
+def _open_for_removal(pfd: int, name: str, dev: int) -> int:
     fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
     try:
         st = os.fstat(fd)
@@ -349,31 +374,95 @@ def _rmtree_at(pfd: int, name: str, dev: int) -> None:
             raise ImagevolError(f"refusing to remove {name!r}: it is on another file system (a mount point?)")
         if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
-        for child in os.listdir(fd):
-            try:
-                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(cst.st_mode):
-                _rmtree_at(fd, child, dev)
-            else:
-                os.unlink(child, dir_fd=fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.rmdir(name, dir_fd=pfd)
+        raise
+    return fd
+
+
+def _rmtree_at(pfd: int, name: str, dev: int) -> None:
+    """Remove the directory ``name`` of ``pfd`` and its content, depth first, with an explicit stack
+    of (parent fd, name, fd, names left) frames. What cannot be removed (a mount point inside, an
+    immutable file) is left with its parents, everything else goes; then the first error is raised."""
+    fd = _open_for_removal(pfd, name, dev)
+    stack: list[tuple[int, str, int, list[str]]] = [(pfd, name, fd, os.listdir(fd))]
+    failed: list[BaseException] = []
+    try:
+        while stack:
+            parent_fd, dname, dfd, pending = stack[-1]
+            if pending:
+                child = pending.pop()
+                try:
+                    cst = os.stat(child, dir_fd=dfd, follow_symlinks=False)
+                    if stat.S_ISDIR(cst.st_mode):
+                        cfd = _open_for_removal(dfd, child, dev)
+                        try:
+                            names = os.listdir(cfd)
+                        except BaseException:
+                            os.close(cfd)
+                            raise
+                        stack.append((dfd, child, cfd, names))
+                    else:
+                        os.unlink(child, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                except (OSError, ImagevolError) as e:
+                    failed.append(e)
+                continue
+            stack.pop()
+            os.close(dfd)
+            try:
+                os.rmdir(dname, dir_fd=parent_fd)
+            except OSError as e:
+                if not (failed and e.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                    failed.append(e)
+    finally:
+        for _, _, dfd, _ in stack:
+            os.close(dfd)
+    if failed:
+        raise failed[0]
+
+
+def _walk_tree(fd: int) -> Iterator[tuple[int, str, str, os.stat_result]]:
+    """(dir fd, relative path, name, lstat) of every entry below ``fd``, children before their
+    directory, names in sorted order. Iterative (an explicit stack of open directories): any depth
+    is walked."""
+    stack: list[tuple[int, list[str], str, os.stat_result | None, int | None]] = [
+        (fd, sorted(os.listdir(fd), reverse=True), "", None, None)
+    ]
+    try:
+        while stack:
+            dfd, pending, drel, dst, parent = stack[-1]
+            if pending:
+                name = pending.pop()
+                rel = f"{drel}/{name}" if drel else name
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                    try:
+                        names = sorted(os.listdir(cfd), reverse=True)
+                    except BaseException:
+                        os.close(cfd)
+                        raise
+                    stack.append((cfd, names, rel, st, dfd))
+                else:
+                    yield dfd, rel, name, st
+                continue
+            stack.pop()
+            if parent is not None:
+                os.close(dfd)
+                assert dst is not None
+                yield parent, drel, drel.rsplit("/", 1)[-1], dst
+    finally:
+        for dfd, _, _, _, parent in stack:
+            if parent is not None:
+                os.close(dfd)
 
 
 def _walk_fd(fd: int) -> Iterator[tuple[int, str, os.stat_result]]:
     """(dir fd, name, lstat) of every entry below ``fd``, children before their directory."""
-    for name in sorted(os.listdir(fd)):
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            cfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            try:
-                yield from _walk_fd(cfd)
-            finally:
-                os.close(cfd)
-        yield fd, name, st
+    for dfd, _, name, st in _walk_tree(fd):
+        yield dfd, name, st
 
 
 def _seal(root_fd: int) -> int:
@@ -388,6 +477,273 @@ def count_files(path: Path) -> int:
         return sum(1 for _, _, st in _walk_fd(fd) if stat.S_ISREG(st.st_mode))
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshot records: what a snapshot holds, written at build time, checked by fsck
+
+#: Entry types of a record.
+_TYPES = (
+    (stat.S_ISREG, "file"),
+    (stat.S_ISDIR, "dir"),
+    (stat.S_ISLNK, "symlink"),
+    (stat.S_ISCHR, "chr"),
+    (stat.S_ISBLK, "blk"),
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "sock"),
+)
+
+
+def _type_of(st: os.stat_result) -> str:
+    for test, name in _TYPES:
+        if test(st.st_mode):
+            return name
+    return "other"
+
+
+def _hash_at(dfd: int, name: str, algorithm: str = "sha256") -> str:
+    """``algorithm:hex`` of the regular file ``name`` of ``dfd`` (never following a symlink)."""
+    h = hashlib.new(algorithm)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dfd)
+    try:
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := os.readv(fd, [view]):
+            h.update(view[:n])
+    finally:
+        os.close(fd)
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def _entry(dfd: int, rel: str, name: str, st: os.stat_result, content: str | None) -> list[Any]:
+    """One record entry: ``[path, type, mode, size, uid, gid, extra]``; ``extra`` is the content
+    digest of a file, the target of a symlink, ``major:minor`` of a device, else None."""
+    typ = _type_of(st)
+    extra: str | None = None
+    size = 0
+    if typ == "file":
+        size = st.st_size
+        extra = content
+    elif typ == "symlink":
+        extra = os.fsdecode(os.readlink(name, dir_fd=dfd))
+    elif typ in ("chr", "blk"):
+        extra = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return [rel, typ, stat.S_IMODE(st.st_mode), size, st.st_uid, st.st_gid, extra]
+
+
+def _blob_inode(store: Store, digest: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(store.blob_path(Digest(digest)), follow_symlinks=False)
+    except (OSError, ImagevolError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def make_record(
+    store: Store,
+    root_fd: int,
+    known: dict[tuple[int, int], str],
+    hashed: dict[tuple[int, int], tuple[str, int]] | None = None,
+) -> list[list[Any]]:
+    """The record of the tree at ``root_fd``: its root (``"."``) and every entry below, sorted
+    children-first as walked. Regular files carry their content digest: for a hard link to a
+    verified blob (an inode in ``known`` that is still the blob's) the blob's digest; for a file
+    hashed as it was written (``hashed``: inode -> (digest, size), when the size still agrees) that
+    digest; for anything else the sha256 of its bytes, read once per inode."""
+    entries: list[list[Any]] = []
+    by_inode: dict[tuple[int, int], str] = {}
+    for dfd, rel, name, st in _walk_tree(root_fd):
+        content = None
+        if stat.S_ISREG(st.st_mode):
+            ino = (st.st_dev, st.st_ino)
+            content = by_inode.get(ino)
+            if content is None:
+                blob = known.get(ino)
+                done = hashed.get(ino) if hashed is not None else None
+                if blob is not None and _blob_inode(store, blob) == ino:
+                    content = blob
+                elif done is not None and done[1] == st.st_size:
+                    content = done[0]
+                else:
+                    content = _hash_at(dfd, name)
+                by_inode[ino] = content
+        entries.append(_entry(dfd, rel, name, st, content))
+    entries.append(_entry(root_fd, ".", ".", os.fstat(root_fd), None))
+    return entries
+
+
+@dataclass
+class SnapshotCheck:
+    """What :func:`check_snapshots` found. ``damaged``: key -> the first problems found;
+    ``unverifiable``: snapshots without a record (built before records existed); ``in_use``: damaged
+    snapshots a volume still uses (not dropped: they cannot be rebuilt under a live mount);
+    ``dropped``: damaged (or, on repair, unverifiable and unused) snapshots removed so that the next
+    mount rebuilds them."""
+
+    checked: int = 0
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    unverifiable: list[str] = field(default_factory=list)
+    in_use: dict[str, list[str]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def problems_left(self) -> list[str]:
+        """Damaged snapshots still in the store."""
+        return [k for k in self.damaged if k not in self.dropped]
+
+
+_MAX_DETAILS = 20
+
+
+def _load_record(snaps: Path, key: str) -> list[list[Any]] | None:
+    """The entries of a snapshot's record; None if there is none; ValueError if it is unreadable."""
+    try:
+        raw = _record_path(snaps, key).read_bytes()
+    except FileNotFoundError:
+        return None
+    doc = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("key") != key:
+        raise ValueError("not a version-1 record of this snapshot")
+    entries = doc.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 7 for e in entries):
+        raise ValueError("malformed entries")
+    return entries
+
+
+def verify_snapshot(
+    store: Store,
+    key: str,
+    *,
+    quick: bool = False,
+    trusted: Callable[[str, tuple[int, int]], bool] | None = None,
+    stats: SnapshotCheck | None = None,
+) -> list[str] | None:
+    """Compare the snapshot ``key`` with its record: missing and extra entries, a changed type,
+    mode, size, owner or symlink target, and (unless ``quick``) the content digest of every regular
+    file. ``trusted(digest, (dev, ino))`` may vouch for a file without reading it (a hard link to a
+    blob that was just verified). Returns the problems found ([] clean), None without a record."""
+    snaps = store.root / SNAPSHOTS
+    try:
+        record = _load_record(snaps, key)
+    except (OSError, ValueError) as e:
+        return [f"record unreadable: {e}"]
+    if record is None:
+        return None
+    want: dict[str, list[Any]] = {str(e[0]): e for e in record}
+    problems: list[str] = []
+    seen: set[str] = set()
+    hashed: dict[tuple[int, int], str] = {}
+
+    def note(msg: str) -> None:
+        problems.append(msg)
+
+    try:
+        root_fd = os.open(snaps / key, _DIR_FLAGS)
+    except OSError as e:
+        return [f"snapshot directory unreadable: {e.strerror}"]
+    try:
+        walked = [(root_fd, ".", ".", os.fstat(root_fd))]
+        for dfd, rel, name, st in itertools.chain(walked, _walk_tree(root_fd)):
+            seen.add(rel)
+            exp = want.get(rel)
+            if exp is None:
+                note(f"extra: {rel}")
+                continue
+            got = _entry(dfd, rel, name, st, None)
+            for i, what in ((1, "type"), (2, "mode"), (3, "size"), (4, "uid"), (5, "gid")):
+                if got[i] != exp[i]:
+                    shown = (oct(exp[i]), oct(got[i])) if what == "mode" else (exp[i], got[i])
+                    note(f"changed: {rel}: {what} {shown[0]} -> {shown[1]}")
+                    break
+            else:
+                if got[1] in ("symlink", "chr", "blk") and got[6] != exp[6]:
+                    note(f"changed: {rel}: target {exp[6]!r} -> {got[6]!r}")
+                elif got[1] == "file" and not quick:
+                    ino = (st.st_dev, st.st_ino)
+                    if isinstance(exp[6], str) and trusted is not None and trusted(exp[6], ino):
+                        continue
+                    digest = hashed.get(ino)
+                    if digest is None:
+                        try:
+                            alg = Digest(exp[6]).algorithm if isinstance(exp[6], str) else "sha256"
+                        except InvalidDigestError:
+                            alg = "sha256"
+                        digest = _hash_at(dfd, name, alg)
+                        hashed[ino] = digest
+                        if stats is not None:
+                            stats.files_hashed += 1
+                            stats.bytes_hashed += st.st_size
+                    if digest != exp[6]:
+                        note(f"content: {rel}: {exp[6]} -> {digest}")
+    except OSError as e:
+        note(f"walk failed: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
+    finally:
+        os.close(root_fd)
+    for rel in want:
+        if rel not in seen:
+            note(f"missing: {rel}")
+    return problems
+
+
+def snapshot_keys(store: Store) -> list[str]:
+    """The keys of the snapshots in ``R/snapshots`` (directories with a snapshot key as name)."""
+    snaps = store.root / SNAPSHOTS
+    try:
+        names = sorted(os.listdir(snaps))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for name in names:
+        if _KEY_RE.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.stat(snaps / name, follow_symlinks=False).st_mode):
+                    out.append(name)
+    return out
+
+
+def check_snapshots(
+    store: Store,
+    *,
+    repair: bool = False,
+    quick: bool = False,
+    trusted: Callable[[str, tuple[int, int]], bool] | None = None,
+) -> SnapshotCheck:
+    """Check every snapshot against its record (:func:`verify_snapshot`). With ``repair``, a damaged
+    snapshot no volume uses is dropped the way gc drops one (record and info first, then renamed to
+    ``.build-*`` and deleted), so the next mount rebuilds it; so is an unused snapshot without a
+    record (rebuilt with one). A damaged snapshot a volume uses is reported in ``in_use`` and kept:
+    unmount the volume, then repair again. Stale ``.build-*`` directories are removed too."""
+    res = SnapshotCheck()
+    guard = store.lock("gc") if repair else contextlib.nullcontext()
+    with guard:
+        users: dict[str, list[str]] = {}
+        for v in store.meta.list_volumes():
+            if v.snapshot_key:
+                users.setdefault(v.snapshot_key, []).append(v.target)
+        for key in snapshot_keys(store):
+            problems = verify_snapshot(store, key, quick=quick, trusted=trusted, stats=res)
+            res.checked += 1
+            if problems is None:
+                res.unverifiable.append(key)
+                if repair and key not in users and remove_snapshot(store, key) is not None:
+                    res.dropped.append(key)
+                continue
+            if not problems:
+                continue
+            res.damaged[key] = problems[:_MAX_DETAILS] + (
+                [f"... and {len(problems) - _MAX_DETAILS} more"] if len(problems) > _MAX_DETAILS else []
+            )
+            if key in users:
+                res.in_use[key] = users[key]
+            elif repair and remove_snapshot(store, key) is not None:
+                res.dropped.append(key)
+        if repair:
+            clean_stale_builds(store)
+    return res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,10 +764,39 @@ def _layer_path(layer: Descriptor, fl: str) -> str | None:
     return None
 
 
+def _check_limits(path: str, what: str) -> None:
+    """The limits the applier puts on tar entry paths, for titles, ModelPack and Kitfile paths:
+    at most PATH_MAX - 1 bytes and MAX_DEPTH components (UnsafeContentError)."""
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:
+        raise UnsafeContentError(f"{what}: path {path!r} is not valid Unicode (a lone surrogate)") from None
+    if size >= PATH_MAX:
+        raise UnsafeContentError(
+            f"{what}: path {path[:60]!r}... is {size} bytes long, the limit is {PATH_MAX - 1}",
+            hint="titles and file paths of artifacts are held to the limits of image layer paths",
+        )
+    if path.count("/") >= MAX_DEPTH and len([c for c in path.split("/") if c not in ("", ".")]) > MAX_DEPTH:
+        raise UnsafeContentError(
+            f"{what}: path {path[:60]!r}... has more than {MAX_DEPTH} components",
+            hint="titles and file paths of artifacts are held to the limits of image layer paths",
+        )
+
+
+def _precheck_paths(manifest: Manifest) -> None:
+    """Refuse an over-long or over-deep title / file path annotation before anything is built."""
+    for i, layer in enumerate(manifest.layers):
+        for k in (mt.ANN_TITLE, mt.ANN_CNCF_FILEPATH, mt.ANN_CNAI_FILEPATH):
+            v = layer.annotations.get(k)
+            if isinstance(v, str) and v:
+                _check_limits(v, f"layer {i} ({layer.digest.short}, {layer.media_type or 'no media type'}): {k}")
+
+
 def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
     """Split a title / file path into components, refusing anything that could escape.
 
-    Refused (UnsafeContentError): empty, NUL, absolute, a ``..`` component, and — unless
+    Refused (UnsafeContentError): empty, NUL, absolute, longer than the applier's PATH_MAX - 1 bytes
+    or deeper than its MAX_DEPTH components, a ``..`` component, and — unless
     ``normalize`` — empty or ``.`` components (one trailing ``/`` is tolerated) and the bare ``.``.
     With ``normalize`` (Kitfile paths), ``./`` components are dropped and ``.`` means the root.
     """
@@ -425,6 +810,7 @@ def safe_parts(path: str, what: str, *, normalize: bool = False) -> list[str]:
         raise UnsafeContentError(f"{what}: path {path!r} is not valid Unicode (a lone surrogate)") from None
     if path.startswith("/"):
         raise UnsafeContentError(f"{what}: path {path!r} is absolute", hint="paths must be relative to the volume")
+    _check_limits(path, what)
     parts = path.split("/")
     if len(parts) > 1 and parts[-1] == "":
         parts.pop()
@@ -546,6 +932,78 @@ class _Tee:
         return self._h.hexdigest()
 
 
+class _FileHashes:
+    """sha256 of every file the applier writes, for the snapshot record, computed from the data as
+    it is written (no re-read), in a thread of its own (hashlib releases the GIL on large buffers,
+    so on two cores it overlaps decompression and writing). ``done[(dev, ino)] = (digest, size)``
+    once :meth:`finish` has returned."""
+
+    def __init__(self) -> None:
+        self.done: dict[tuple[int, int], tuple[str, int]] = {}
+        # (inode, data): None starts a file (a reused inode forgets its earlier file), b"" ends it.
+        self._q: queue.Queue[tuple[tuple[int, int], bytes | None] | None] = queue.Queue(maxsize=16)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        open_: dict[tuple[int, int], tuple[Any, int]] = {}
+        while (item := self._q.get()) is not None:
+            if self._error is not None:
+                continue
+            ino, data = item
+            try:
+                if data is None:
+                    self.done.pop(ino, None)
+                    open_[ino] = (hashlib.sha256(), 0)
+                elif not data:
+                    h, size = open_.pop(ino)
+                    self.done[ino] = (f"sha256:{h.hexdigest()}", size)
+                else:
+                    h, size = open_[ino]
+                    h.update(data)
+                    open_[ino] = (h, size + len(data))
+            except BaseException as e:  # reported by finish()
+                self._error = e
+
+    def _put(self, item: tuple[tuple[int, int], bytes | None]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="imagevol-record-hash", daemon=True)
+            self._thread.start()
+        self._q.put(item)
+
+    def sink(self, fd: int) -> _FileSink:
+        st = os.fstat(fd)
+        ino = (st.st_dev, st.st_ino)
+        self._put((ino, None))
+        return _FileSink(self, ino)
+
+    def finish(self) -> None:
+        """Wait until everything written so far is hashed (idempotent; the thread ends)."""
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+
+
+class _FileSink:
+    __slots__ = ("_hashes", "_ino")
+
+    def __init__(self, hashes: _FileHashes, ino: tuple[int, int]) -> None:
+        self._hashes = hashes
+        self._ino = ino
+
+    def update(self, data: bytes) -> None:
+        if data:
+            self._hashes._put((self._ino, data))
+
+    def close(self) -> None:
+        self._hashes._put((self._ino, b""))
+
+
 # --------------------------------------------------------------------------------------------------
 # The builder
 
@@ -582,8 +1040,18 @@ class _Builder:
         self.artifact_opts = dataclasses.replace(self.image_opts, whiteouts=False)
         self.root_fd = os.open(root, _DIR_FLAGS)
         os.fchmod(self.root_fd, 0o755)  # the root's mode unless a layer declares `./`
+        #: (st_dev, st_ino) -> digest of the files that are hard links to verified blobs, whose
+        #: content the snapshot record takes from the blob's name instead of reading them.
+        self.known: dict[tuple[int, int], str] = {}
+        self.hashes = _FileHashes()
+
+    def _know(self, pfd: int, name: str, digest: Digest) -> None:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        self.known[(st.st_dev, st.st_ino)] = str(digest)
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.hashes.finish()
         os.close(self.root_fd)
 
     def warn(self, msg: str) -> None:
@@ -651,6 +1119,7 @@ class _Builder:
             if mode is None and compression == "none":
                 try:
                     os.link(self.store.blob_path(layer.digest), name, dst_dir_fd=pfd, follow_symlinks=False)
+                    self._know(pfd, name, layer.digest)
                     return
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES, errno.EOPNOTSUPP):
@@ -662,6 +1131,7 @@ class _Builder:
     def _copy_blob(self, layer: Descriptor, pfd: int, name: str, mode: int, compression: str, what: str) -> None:
         dfd = os.open(name, _NEW_FILE, 0o600, dir_fd=pfd)
         try:
+            self.hashes.sink(dfd)  # not hashed as copied: forget what an earlier file of this inode had
             with self.store.open_blob(layer.digest) as f:
                 if compression == "none":
                     copy_fd(f.fileno(), dfd)
@@ -691,7 +1161,14 @@ class _Builder:
             data = open_decompressed(f, compression, max_ratio=options.max_ratio, max_size=options.max_size)
             tee = _Tee(data, expect.hasher() if expect is not None else None)
             try:
-                apply_layer(f"/proc/self/fd/{dir_fd}", tee, compression="none", options=options, warn=self.warn)
+                apply_layer(
+                    f"/proc/self/fd/{dir_fd}",
+                    tee,
+                    compression="none",
+                    options=options,
+                    warn=self.warn,
+                    file_sink=self.hashes.sink,
+                )
                 tee.drain()
             except UnsafeContentError as e:
                 raise UnsafeContentError(f"{what}: {e.message}", e.hint) from None
@@ -1035,8 +1512,8 @@ def _read_info(snaps: Path, key: str) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _write_info(snaps: Path, key: str, info: dict[str, Any]) -> None:
-    path = _info_path(snaps, key)
+def _write_info(snaps: Path, key: str, info: dict[str, Any], *, path: Path | None = None) -> None:
+    path = _info_path(snaps, key) if path is None else path
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, _NEW_FILE, 0o600)
     try:
@@ -1079,23 +1556,52 @@ def _reuse(store: Store, snaps: Path, key: str, manifest: Manifest, fl: str) -> 
     )
 
 
-def _clean_builds(store: Store, snaps: Path, held_key: str) -> None:
-    """Remove ``.build-*`` leftovers of crashed builds: ours (we hold its lock), and any other whose
-    lock is free right now."""
-    for name in sorted(os.listdir(snaps)):
-        if not name.startswith(BUILD_PREFIX):
-            continue
-        key = name[len(BUILD_PREFIX) :].rsplit("-", 1)[0]
-        if not _KEY_RE.match(key):
-            continue
-        if key == held_key:
-            force_rmtree(snaps / name)
+def _build_key(name: str) -> str | None:
+    """The snapshot key of a ``.build-<key>-<random>`` directory name, if it is one."""
+    if not name.startswith(BUILD_PREFIX):
+        return None
+    key = name[len(BUILD_PREFIX) :].rsplit("-", 1)[0]
+    return key if _KEY_RE.match(key) else None
+
+
+def _clean_builds(store: Store, snaps: Path, held_key: str | None, *, dry_run: bool = False) -> list[str]:
+    """Remove ``.build-*`` leftovers of crashed or failed builds: those of ``held_key`` (the caller
+    holds its lock), and any other whose lock is free right now (its builder is gone). Best effort:
+    a leftover that cannot be removed (a mount inside it, an immutable file) is left, with what
+    could be removed of it gone, and never fails the caller. Returns the names removed."""
+    removed: list[str] = []
+    try:
+        names = sorted(os.listdir(snaps))
+    except OSError:
+        return removed
+    for name in names:
+        key = _build_key(name)
+        if key is None:
             continue
         try:
-            with store.lock(_lock_name(key), blocking=False):
-                force_rmtree(snaps / name)
+            if key == held_key:
+                if not dry_run:
+                    force_rmtree(snaps / name)
+            else:
+                with store.lock(_lock_name(key), blocking=False):
+                    if not dry_run:
+                        force_rmtree(snaps / name)
         except StoreError:
-            continue  # being built right now
+            continue  # being built right now (its lock is held)
+        except (OSError, ImagevolError) as e:
+            log.warning("cannot remove the leftover build %s: %s", snaps / name, e)
+            continue
+        removed.append(name)
+    return removed
+
+
+def clean_stale_builds(store: Store, *, dry_run: bool = False) -> list[str]:
+    """Remove the ``.build-*`` directories no builder holds (crashed or failed builds), for gc.
+    Returns the names removed (or that would be, with ``dry_run``)."""
+    snaps = store.root / SNAPSHOTS
+    if not snaps.is_dir() or snaps.is_symlink():
+        return []
+    return _clean_builds(store, snaps, None, dry_run=dry_run)
 
 
 def find_snapshot(store: Store, manifest: Manifest, options: MaterializeOptions | None = None) -> Snapshot | None:
@@ -1124,6 +1630,8 @@ def materialize(
     found = _reuse(store, snaps, key, manifest, fl)
     if found is not None:
         return found
+    if fl != "image":
+        _precheck_paths(manifest)
     with store.lock(_lock_name(key)):
         found = _reuse(store, snaps, key, manifest, fl)
         if found is not None:
@@ -1136,8 +1644,16 @@ def materialize(
             builder = _Builder(store, manifest, build, opts, warn, feed)
             try:
                 files = builder.run(fl)
+                builder.hashes.finish()
+                record = make_record(store, builder.root_fd, builder.known, builder.hashes.done)
             finally:
                 builder.close()
+            _write_info(
+                snaps,
+                key,
+                {"version": RECORD_VERSION, "key": key, "digest": str(manifest.digest), "entries": record},
+                path=_record_path(snaps, key),
+            )
             info = {
                 "flavour": fl,
                 "files": files,
@@ -1153,6 +1669,8 @@ def materialize(
                 force_rmtree(build)
             with contextlib.suppress(OSError):
                 _info_path(snaps, key).unlink()
+            with contextlib.suppress(OSError):
+                _record_path(snaps, key).unlink()
             with contextlib.suppress(Exception):
                 store.meta.remove_snapshot(key)
             raise

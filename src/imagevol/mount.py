@@ -17,17 +17,28 @@ from .digest import Digest
 from .errors import (
     ContentRefusedError,
     DigestMismatchError,
+    ImagevolError,
     LimitExceededError,
     StoreError,
     UnsafeContentError,
 )
 from .manifest import Descriptor
-from .materialize import MaterializeOptions, Snapshot, find_snapshot, manifest_flavour, materialize, remove_snapshot
+from .materialize import (
+    MaterializeOptions,
+    Snapshot,
+    check_snapshots,
+    clean_stale_builds,
+    find_snapshot,
+    manifest_flavour,
+    materialize,
+    remove_snapshot,
+)
 from .platform import Platform
 from .pull import LayerStream, ProgressFn, PullPlan, PullResult, plan_pull
 from .reference import LayoutReference, Reference
 from .sources.registry import RegistryOptions, RegistrySource
-from .store import GcResult, Store
+from .store import FsckResult, GcResult, Store
+from .store import fsck as store_fsck
 from .store import gc as store_gc
 from .unpack.applier import DEFAULT_MAX_RATIO, ApplyOptions
 from .volume import Volume, create_volume, list_volumes, reconcile, remove_volume
@@ -250,4 +261,34 @@ def volumes(*, root: str | os.PathLike[str] | Store, reconcile_stale: bool = Fal
 def gc(*, root: str | os.PathLike[str] | Store, dry_run: bool = False) -> GcResult:
     """Reclaim blobs, snapshots and stale downloads that no reference, volume or pull holds."""
     store = root if isinstance(root, Store) else Store(root)
-    return store_gc(store, dry_run=dry_run, remove_snapshot=lambda key, dry: remove_snapshot(store, key, dry_run=dry))
+    res = store_gc(store, dry_run=dry_run, remove_snapshot=lambda key, dry: remove_snapshot(store, key, dry_run=dry))
+    res.removed_builds = clean_stale_builds(store, dry_run=dry_run)
+    return res
+
+
+def fsck(*, root: str | os.PathLike[str] | Store, repair: bool = False, quick: bool = False) -> FsckResult:
+    """Check the store: every blob re-hashed and the metadata (:func:`imagevol.store.fsck`), then
+    every snapshot against its record (:func:`imagevol.materialize.check_snapshots`; ``quick``
+    skips hashing the snapshots' files). ``repair`` fixes what can be fixed: bad blobs quarantined,
+    dangling records dropped, damaged snapshots no volume uses dropped (the next mount rebuilds
+    them); ``FsckResult.problems_left`` is what remains."""
+    store = root if isinstance(root, Store) else Store(root)
+    res = store_fsck(store, repair=repair)
+    bad = set(res.corrupted) | set(res.unreadable) | set(res.quarantined)
+
+    def trusted(digest: str, inode: tuple[int, int]) -> bool:
+        # A hard link to a blob the pass above just re-hashed (and found good) needs no second read.
+        try:
+            d = Digest(digest)
+            st = os.stat(store.blob_path(d), follow_symlinks=False)
+        except (ImagevolError, OSError):
+            return False
+        return d not in bad and (st.st_dev, st.st_ino) == inode
+
+    snaps = check_snapshots(store, repair=repair, quick=quick, trusted=trusted)
+    res.snapshots_checked = snaps.checked
+    res.damaged_snapshots = snaps.damaged
+    res.unverifiable_snapshots = snaps.unverifiable
+    res.snapshots_in_use = snaps.in_use
+    res.dropped_snapshots = snaps.dropped
+    return res

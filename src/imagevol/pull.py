@@ -536,6 +536,10 @@ def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Man
         chain.append(child.digest)
     m = sel.manifest
     store.put_bytes(m.raw, sel.descriptor.digest)
+    if m.config.data is not None:
+        # An inline config (the empty descriptor's `data`) is stored like any other: it is recorded
+        # as a child below, and fsck holds every recorded child of held content to be present.
+        store.put_bytes(m.config.data, m.config.digest)
     store.meta.set_children(
         sel.descriptor.digest, [d.digest for d in _needed(m)] + ([m.config.digest] if m.config.data is not None else [])
     )

@@ -276,6 +276,8 @@ POINTS = [
     Point("pull-blobs-in-ref-not-set", "pull", "imagevol.store.meta:Meta.set_ref@before"),
     Point("mount-mid-build", "mount", "imagevol.materialize:apply_layer@after#1"),
     Point("mount-build-renamed-not-ready", "mount", "imagevol.materialize:_fsync_dir@before"),
+    # the snapshot's record is written, its info file not yet, the tree still a `.build-*`
+    Point("mount-record-written-not-renamed", "mount", "imagevol.materialize:_write_info@after#1"),
     # The read-only bind is one step (open_tree + mount_setattr + move_mount): killed right after it,
     # the volume is recorded already. (A kernel without that API falls back to bind + remount.)
     Point("mount-bound", "mount", "imagevol.volume:_bind_ro_atomic@after"),
@@ -283,7 +285,7 @@ POINTS = [
     Point("mount-recorded-no-lease", "mount", "imagevol.store.meta:Meta.add_volume@after"),
     Point("unmount-unmounted-not-forgotten", "unmount", "imagevol.volume:_umount@after"),
     Point("gc-mid-blob-sweep", "gc", "imagevol.store.blobs:Store.remove_blob@after#2"),
-    Point("gc-mid-snapshot-delete", "gc", "imagevol.materialize:_rmtree_at@before#4"),
+    Point("gc-mid-snapshot-delete", "gc", "imagevol.materialize:_open_for_removal@before#4"),
 ]
 
 

@@ -36,6 +36,7 @@ from imagevol.unpack.applier import ApplyOptions
 from tests.support import corpus, oci
 from tests.support.clirun import HostGuard, Imagevol, clear_error, make_sentinel, mounts_under
 from tests.support.corpus import OCI_LAYER, OCI_LAYER_ZSTD, T
+from tests.support.deeptree import rm_deep
 from tests.support.layout import LayoutWriter, dumps
 from tests.support.rogue import RogueRegistry, sha256_digest
 from tests.support.tars import TITLE, push_artifact, push_image
@@ -721,3 +722,26 @@ def test_bomb_limits_cover_tar_probing(registry, client, iv, monkeypatch) -> Non
     with pytest.raises(ContentRefusedError):
         materialize(store, man, options=MaterializeOptions(apply=ApplyOptions(max_size=16 * MiB)))
     assert produced[0] <= 64 * MiB, f"{produced[0] >> 20} MiB decompressed with max_size=16 MiB"
+
+
+# --------------------------------------------------------------------------- 9. deep paths, leftover builds
+
+
+def test_title_of_3000_components_refused_and_the_store_stays_usable(
+    registry, client, iv, guard, tmp_path, request
+) -> None:
+    """Found by the issue "Trust the store": this title ended in a RecursionError, left a `.build-*`
+    tree imagevol could not delete, and every later mount of any content in the store failed."""
+    request.addfinalizer(lambda: rm_deep(iv.root))  # what a failing run leaves is too deep for pytest
+    deep = _repo("deep-title")
+    push_artifact(client, deep, "t", [(OCI_LAYER, b"payload", {TITLE: "a/" * 3000 + "f"})])
+    target = tmp_path / "mnt" / "deep"
+    refused(iv.mount(f"{registry.host}/{deep}:t", target), "the limit is 4095", target)
+    assert not [n for n in iv.snapshot_dirs() if n.startswith(".build-")]
+    other = _repo("after-deep")
+    push_artifact(client, other, "t", [(OCI_LAYER, b"fine", {TITLE: "ok.bin"})])
+    ok = tmp_path / "mnt" / "ok"
+    iv.mount_ok(f"{registry.host}/{other}:t", ok)
+    assert (ok / "ok.bin").read_bytes() == b"fine"
+    assert iv.unmount(ok).returncode == 0
+    settled(iv, tmp_path)

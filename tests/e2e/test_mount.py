@@ -1011,3 +1011,129 @@ def test_unmount_does_not_follow_a_swapped_parent(trust, cli, world, mode) -> No
     assert not target.exists() and models.is_dir() and (secret / "data").is_dir()
     assert str(target) not in mountpoints() and cli.volumes() == []
     cli.fsck_ok()
+
+
+# --------------------------------------------------------------------------- fsck: blobs and snapshots
+
+
+def _push_oras_inline_config(client: Client, repo: str) -> str:
+    """An ORAS-style artifact whose empty config carries its content inline (`data: e30=`)."""
+    from tests.support.oci import OCI_EMPTY, OCI_EMPTY_DATA, OCI_MANIFEST, descriptor, make_image_manifest
+
+    payload = b"weights of an oras artifact"
+    client.push_blob(repo, payload)
+    client.push_blob(repo, OCI_EMPTY_DATA)  # ORAS pushes it too; imagevol never needs to fetch it
+    config = {**descriptor(OCI_EMPTY, OCI_EMPTY_DATA), "data": "e30="}
+    body, digest = make_image_manifest(
+        config,
+        [descriptor("application/vnd.oci.image.layer.v1.tar", payload, annotations={TITLE: "w.bin"})],
+        artifact_type="application/vnd.example.model.v1",
+    )
+    client.push_manifest(repo, "v1", body, OCI_MANIFEST)
+    return digest
+
+
+def _fsck_json(cli: Cli, *args: str) -> tuple[int, dict]:
+    r = cli.run("fsck", "--json", *args)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+def _all_plain(v: object) -> bool:
+    """JSON of plain types only; every string that looks like a digest is exactly one."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _all_plain(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(_all_plain(x) for x in v)
+    if isinstance(v, str):
+        return "Digest(" not in v and "(" not in v[:1]
+    return v is None or isinstance(v, (bool, int, float))
+
+
+def test_fsck_clean_right_after_pulling_an_oras_artifact_with_inline_empty_config(registry, client, cli) -> None:
+    """Found by the issue "Trust the store": the inline empty config was recorded as a child of the
+    manifest but never stored, so fsck reported missing_children and exited 4 after a clean pull."""
+    repo = _repo("oras-inline")
+    digest = _push_oras_inline_config(client, repo)
+    r = cli.run("pull", f"{registry.host}/{repo}:v1", "--progress", "none")
+    assert r.returncode == 0, r.stderr
+    code, doc = _fsck_json(cli)
+    assert code == 0 and doc["ok"] is True and doc["missing_children"] == [], doc
+    t = cli.root.parent / "mnt-oras"
+    cli.mount_ok(f"{registry.host}/{repo}:v1", t)
+    assert (t / "w.bin").read_bytes() == b"weights of an oras artifact"
+    code, doc = _fsck_json(cli)
+    assert code == 0 and doc["snapshots_checked"] == 1 and doc["damaged_snapshots"] == {}, doc
+    assert cli.unmount(t).returncode == 0
+
+    # A store that pulled before the fix lacks the blob: reported as plain JSON, restored by --repair.
+    empty = cli.blob("sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a")
+    empty.unlink()
+    code, doc = _fsck_json(cli)
+    assert code == 4 and doc["ok"] is False
+    assert _all_plain(doc), doc
+    assert doc["missing_children"] == [[digest, "sha256:" + empty.name]]
+    assert all(isinstance(p, str) for p in doc["problemsLeft"]) and len(doc["problemsLeft"]) == 1
+    code, doc = _fsck_json(cli, "--repair")
+    assert code == 0 and doc["restored"] == ["sha256:" + empty.name] and doc["problemsLeft"] == [], doc
+    assert empty.read_bytes() == b"{}"
+    cli.fsck_ok()
+
+
+def test_fsck_repair_exits_4_while_problems_remain(registry, client, cli) -> None:
+    """Found by the issue "Trust the store": `fsck --repair` exited 0 with problems left."""
+    repo = _repo("fsck-stray")
+    push_artifact(client, repo, "v1", [("application/octet-stream", b"x", {TITLE: "x"})])
+    assert cli.run("pull", f"{registry.host}/{repo}:v1", "--progress", "none").returncode == 0
+    stray = cli.root / "blobs" / "sha256" / "not-a-digest"
+    stray.write_bytes(b"?")
+    r = cli.run("fsck", "--repair")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert r.stderr.startswith("error: 1 problem(s) left") and "\nhint: " in r.stderr, r.stderr
+    stray.unlink()
+    assert cli.run("fsck", "--repair").returncode == 0
+    cli.fsck_ok()
+
+
+def test_fsck_finds_a_damaged_snapshot_keeps_it_while_mounted_and_repair_rebuilds(
+    registry, client, cli, tmp_path
+) -> None:
+    repo = _repo("fsck-snap")
+    push_image(
+        client,
+        repo,
+        "v1",
+        [tar_layer([E("data/", kind="dir"), E("data/model.bin", b"good weights"), E("data/cfg", b"{}")])],
+    )
+    ref = f"{registry.host}/{repo}:v1"
+    t = tmp_path / "mnt"
+    first = cli.mount_ok(ref, t)
+    snap = Path(first["snapshot"])
+    victim = snap / "data" / "model.bin"
+    mode = victim.stat().st_mode
+    os.chmod(victim, 0o644)
+    victim.write_bytes(b"evil weights")  # same size: only the content digest tells
+    os.chmod(victim, mode)
+    assert (t / "data" / "model.bin").read_bytes() == b"evil weights"
+
+    code, doc = _fsck_json(cli)
+    assert code == 4 and list(doc["damaged_snapshots"]) == [snap.name], doc
+    assert any(p.startswith("content: data/model.bin: sha256:") for p in doc["damaged_snapshots"][snap.name])
+    assert doc["snapshots_in_use"] == {snap.name: [str(t)]}
+    code, quick = _fsck_json(cli, "--quick")
+    assert code == 0 and quick["damaged_snapshots"] == {}  # --quick does not read content
+
+    # Mounted: reported, kept (it cannot be rebuilt under a live mount), exit 4 with a hint.
+    r = cli.run("fsck", "--repair")
+    assert r.returncode == 4 and "unmount the volumes on damaged snapshots" in r.stderr, r.stderr
+    assert snap.is_dir() and (t / "data" / "model.bin").exists()
+
+    assert cli.unmount(t).returncode == 0
+    code, doc = _fsck_json(cli, "--repair")
+    assert code == 0 and doc["dropped_snapshots"] == [snap.name] and doc["problemsLeft"] == [], doc
+    assert not snap.exists()
+    again = cli.mount_ok(ref, t)
+    assert again["snapshotCreated"] is True and again["snapshot"] == str(snap)
+    assert (t / "data" / "model.bin").read_bytes() == b"good weights"
+    cli.fsck_ok()
+    assert cli.unmount(t).returncode == 0

@@ -28,6 +28,7 @@ from imagevol.materialize import (
 )
 from imagevol.store import Store
 from imagevol.unpack.applier import ApplyOptions
+from tests.support.deeptree import make_deep, rm_deep
 
 AT = "application/vnd.example.artifact"
 
@@ -662,7 +663,7 @@ def test_concurrent_materialize_builds_once(store: Store, b: Builder) -> None:
         assert p.exitcode == 0
     assert sorted(r[0] for r in results) == [False, True]
     assert len({r[1] for r in results}) == 1 and {r[2] for r in results} == {4}
-    names = [n for n in os.listdir(store.root / "snapshots") if not n.startswith(".info-")]
+    names = [n for n in os.listdir(store.root / "snapshots") if not n.startswith((".info-", ".record-"))]
     assert names == [snapshot_key(m)]
 
 
@@ -670,3 +671,288 @@ def test_digest_is_a_digest(store: Store, b: Builder) -> None:
     m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
     snap = materialize(store, m)
     assert isinstance(snap.digest, Digest)
+
+
+# -- hostile depths and leftover builds (issue item 9) ---------------------------------------------
+@pytest.fixture
+def deep_cleanup(tmp_path: Path) -> Any:
+    """Remove deep trees a failing test leaves (pytest's own cleanup is recursive)."""
+    yield
+    for p in tmp_path.iterdir():
+        rm_deep(p)
+
+
+def test_title_3000_components_refused_before_building(store: Store, b: Builder, deep_cleanup: None) -> None:
+    deep = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "a/" * 3000 + "f"})], artifact_type=AT)
+    with pytest.raises(UnsafeContentError, match="6001 bytes long, the limit is 4095"):
+        materialize(store, deep)
+    assert leftovers(store) == []
+    ok = b.manifest([b.desc("application/x", b"y", {mt.ANN_TITLE: "y"})], artifact_type=AT)
+    assert tree(materialize(store, ok).path) == {"y": "y"}
+
+
+@pytest.mark.parametrize(
+    ("ann", "value", "needle"),
+    [
+        (mt.ANN_TITLE, "a/" * 257 + "f", "more than 256 components"),
+        (mt.ANN_CNCF_FILEPATH, "b/" * 300 + "f", "more than 256 components"),
+        (mt.ANN_TITLE, ("x" * 200 + "/") * 21, "bytes long, the limit is 4095"),
+    ],
+)
+def test_path_depth_and_length_limits(store: Store, b: Builder, ann: str, value: str, needle: str) -> None:
+    m = b.manifest([b.desc("application/x", b"x", {ann: value})], artifact_type=AT)
+    with pytest.raises(UnsafeContentError, match=needle):
+        materialize(store, m)
+    assert leftovers(store) == []
+    # at the limit: accepted
+    at = b.manifest([b.desc("application/x", b"z", {ann: "a/" * 255 + "f"})], artifact_type=AT)
+    assert materialize(store, at).files == 1
+
+
+def test_kitfile_path_over_the_depth_limit_refused(store: Store, b: Builder) -> None:
+    kitfile = {"manifestVersion": "1.0", "model": {"path": "m/" * 300 + "w.bin"}}
+    cfg = b.desc(mt.KITOPS_CONFIG, json.dumps(kitfile).encode())
+    m = b.manifest([b.desc("application/vnd.kitops.modelkit.model.v1.raw", b"w")], config=cfg)
+    with pytest.raises(UnsafeContentError, match="more than 256 components"):
+        materialize(store, m)
+    assert leftovers(store) == []
+
+
+def test_force_rmtree_and_walks_handle_any_depth(tmp_path: Path, deep_cleanup: None) -> None:
+    from imagevol.materialize import count_files, force_rmtree
+
+    make_deep(tmp_path / "t", 3000, seal=True)
+    assert count_files(tmp_path / "t") == 1
+    force_rmtree(tmp_path / "t")
+    assert not os.path.lexists(tmp_path / "t")
+
+
+def test_gc_removes_a_3000_deep_stale_build(store: Store, b: Builder, deep_cleanup: None) -> None:
+    from imagevol.mount import gc
+
+    snaps = store.root / "snapshots"
+    store.ensure()
+    snaps.mkdir(mode=0o700)
+    make_deep(snaps / f".build-{'c' * 64}-dead01", 3000, seal=True)
+    res = gc(root=store, dry_run=True)
+    assert res.removed_builds == [f".build-{'c' * 64}-dead01"] and leftovers(store) != []
+    res = gc(root=store)
+    assert res.removed_builds == [f".build-{'c' * 64}-dead01"]
+    assert leftovers(store) == []
+
+
+def test_gc_keeps_a_build_in_progress(store: Store, b: Builder) -> None:
+    from imagevol.materialize import _lock_name
+    from imagevol.mount import gc
+
+    snaps = store.root / "snapshots"
+    store.ensure()
+    snaps.mkdir(mode=0o700)
+    (snaps / f".build-{'d' * 64}-live01").mkdir()
+    with store.lock(_lock_name("d" * 64)):
+        assert gc(root=store).removed_builds == []
+    assert leftovers(store) == [f".build-{'d' * 64}-live01"]
+
+
+@pytest.fixture
+def mounted_leftover(store: Store) -> Any:
+    """A ``.build-*`` leftover with a file system mounted inside: imagevol refuses to remove it."""
+    if os.geteuid() != 0:
+        if os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1":
+            pytest.skip("needs root (mount)")
+        pytest.fail("needs root (mount); set IMAGEVOL_ALLOW_SKIP=1 to skip", pytrace=False)
+    import subprocess
+
+    snaps = store.root / "snapshots"
+    store.ensure()
+    snaps.mkdir(mode=0o700)
+    stuck = snaps / f".build-{'e' * 64}-stuck1"
+    (stuck / "m").mkdir(parents=True)
+    (stuck / "gone").write_text("removable")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(stuck / "m")], check=True)
+    try:
+        yield stuck
+    finally:
+        subprocess.run(["umount", str(stuck / "m")], check=True)
+
+
+def test_undeletable_leftover_build_does_not_block_other_builds(store: Store, b: Builder, mounted_leftover) -> None:
+    from imagevol.mount import gc
+
+    m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
+    assert tree(materialize(store, m).path) == {"x": "x"}
+    m2 = b.manifest([b.desc("mediatype/x", b"x2", {mt.ANN_TITLE: "x2"})], artifact_type=AT)
+    assert tree(materialize(store, m2).path) == {"x2": "x2"}
+    assert gc(root=store).removed_builds == []  # gc does not fail either
+    assert os.path.ismount(mounted_leftover / "m")
+    assert not (mounted_leftover / "gone").exists()  # what could be removed is gone
+
+
+# -- snapshot records and their check (issue item 2) -----------------------------------------------
+def _record(store: Store, key: str) -> dict[str, Any]:
+    return json.loads((store.root / "snapshots" / f".record-{key}.json").read_bytes())
+
+
+def _mixed(store: Store, b: Builder) -> Manifest:
+    """An artifact with a raw file (hard link to its blob) and a tar+gzip directory holding a file,
+    an executable, a symlink and a subdirectory."""
+    return b.manifest(
+        [
+            b.desc("application/x", b"raw bytes", {mt.ANN_TITLE: "raw.bin"}),
+            b.desc(
+                mt.OCI_LAYER_GZIP,
+                gz(
+                    tar(
+                        [
+                            ("d/", None),
+                            ("d/f", b"file"),
+                            ("d/run", ("mode", b"#!/bin/sh\n", 0o755)),
+                            ("d/l", ("symlink", "f")),
+                            ("d/s/", None),
+                        ]
+                    )
+                ),
+                {mt.ANN_TITLE: "d"},
+            ),
+        ],
+        artifact_type=AT,
+    )
+
+
+def test_record_written_at_build_time(store: Store, b: Builder) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = _mixed(store, b)
+    snap = materialize(store, m)
+    doc = _record(store, snap.key)
+    assert doc["version"] == 1 and doc["key"] == snap.key and doc["digest"] == str(m.digest)
+    entries = {e[0]: e for e in doc["entries"]}
+    assert set(entries) == {".", "raw.bin", "d", "d/f", "d/run", "d/l", "d/s"}
+    raw_blob = m.layers[0].digest
+    assert entries["raw.bin"][1:4] == ["file", stat.S_IMODE(os.stat(snap.path / "raw.bin").st_mode), 9]
+    assert entries["raw.bin"][6] == str(raw_blob)  # taken from the blob, not re-read
+    assert entries["d/f"][6] == sha(b"file") and entries["d/f"][3] == 4
+    assert entries["d/run"][2] == stat.S_IMODE(os.stat(snap.path / "d/run").st_mode)
+    assert entries["d/run"][2] & 0o111  # the real mode, whatever the sealing keeps
+    assert entries["d/l"][1] == "symlink" and entries["d/l"][6] == "f"
+    assert entries["d/s"][1] == "dir" and entries["."][1] == "dir"
+    res = check_snapshots(store)
+    assert res.checked == 1 and res.damaged == {} and res.unverifiable == []
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle", "quick_sees"),
+    [
+        ("flip", "content: d/f: sha256:", False),
+        ("chmod", "changed: d/f: mode", True),
+        ("delete", "missing: d/f", True),
+        ("extra", "extra: d/new", True),
+        ("retarget", "changed: d/l: target 'f' -> 'run'", True),
+        ("truncate", "changed: d/f: size 4 -> 2", True),
+        ("replace-dir", "changed: d/s: type dir -> file", True),
+        ("record", "record unreadable", True),
+    ],
+)
+def test_check_finds_damage_and_repair_drops_the_snapshot(
+    store: Store, b: Builder, damage: str, needle: str, quick_sees: bool
+) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = _mixed(store, b)
+    snap = materialize(store, m)
+    p = snap.path
+    os.chmod(p / "d", 0o755)
+    if damage == "flip":
+        os.chmod(p / "d/f", 0o644)
+        (p / "d/f").write_bytes(b"fil3")  # same size, same mode: only the content differs
+        os.chmod(p / "d/f", _record_mode(store, snap.key, "d/f"))
+    elif damage == "chmod":
+        os.chmod(p / "d/f", 0o4755)
+    elif damage == "delete":
+        (p / "d/f").unlink()
+    elif damage == "extra":
+        (p / "d/new").write_bytes(b"")
+    elif damage == "retarget":
+        (p / "d/l").unlink()
+        (p / "d/l").symlink_to("run")
+    elif damage == "truncate":
+        os.chmod(p / "d/f", 0o644)
+        (p / "d/f").write_bytes(b"fi")
+        os.chmod(p / "d/f", _record_mode(store, snap.key, "d/f"))
+    elif damage == "replace-dir":
+        (p / "d/s").rmdir()
+        (p / "d/s").write_bytes(b"")
+    elif damage == "record":
+        (store.root / "snapshots" / f".record-{snap.key}.json").write_bytes(b"{not json")
+    if damage not in ("extra", "replace-dir", "delete", "retarget"):
+        os.chmod(p / "d", _record_mode(store, snap.key, "d") if damage != "record" else 0o555)
+    res = check_snapshots(store)
+    assert list(res.damaged) == [snap.key]
+    assert any(needle in d for d in res.damaged[snap.key]), res.damaged
+    quick = check_snapshots(store, quick=True)
+    assert (snap.key in quick.damaged) == quick_sees
+    fixed = check_snapshots(store, repair=True)
+    assert fixed.dropped == [snap.key] and fixed.problems_left == []
+    assert not p.exists() and leftovers(store) == []
+    again = materialize(store, m)
+    assert again.created and tree(again.path)["d/f"] == "file"
+    assert check_snapshots(store).damaged == {}
+
+
+def _record_mode(store: Store, key: str, rel: str) -> int:
+    return next(e[2] for e in _record(store, key)["entries"] if e[0] == rel)
+
+
+def test_snapshot_without_record_is_unverifiable_and_rebuilt_on_repair(store: Store, b: Builder) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = _mixed(store, b)
+    snap = materialize(store, m)
+    (store.root / "snapshots" / f".record-{snap.key}.json").unlink()  # as built before records existed
+    res = check_snapshots(store)
+    assert res.unverifiable == [snap.key] and res.damaged == {} and res.problems_left == []
+    fixed = check_snapshots(store, repair=True)
+    assert fixed.dropped == [snap.key]
+    again = materialize(store, m)
+    assert again.created and _record(store, again.key)["version"] == 1
+    assert check_snapshots(store).unverifiable == []
+
+
+def test_image_snapshot_record_covers_every_layer(store: Store, b: Builder) -> None:
+    from imagevol.materialize import check_snapshots
+
+    m = b.image([tar([("a", b"1"), ("b/", None), ("b/c", b"22")]), tar([("a", b"333"), ("b/.wh.c", b"")])])
+    snap = materialize(store, m)
+    entries = {e[0]: e for e in _record(store, snap.key)["entries"]}
+    assert set(entries) == {".", "a", "b"}
+    assert entries["a"][3] == 3 and entries["a"][6] == sha(b"333")
+    assert check_snapshots(store).damaged == {}
+
+
+def test_record_of_extracted_files_hashed_as_written(store: Store, b: Builder) -> None:
+    """Files the applier writes are hashed from the data it writes: through the page cache, around
+    it (O_DIRECT, 8 MiB and more) and with holes (runs of zeros) alike; a raw blob copied with its
+    own mode is read back. Every digest agrees with the bytes on disk."""
+    from imagevol.materialize import check_snapshots
+
+    big = os.urandom(9 << 20)
+    holes = os.urandom(1000) + bytes(3 << 20) + os.urandom(1000)
+    m = b.image([tar([("big", big), ("holes", holes), ("small", b"s")]), tar([("small", b"t"), ("new", b"n")])])
+    snap = materialize(store, m)
+    entries = {e[0]: e for e in _record(store, snap.key)["entries"]}
+    assert entries["big"][6] == sha(big) and entries["holes"][6] == sha(holes)
+    assert entries["small"][6] == sha(b"t") and entries["new"][6] == sha(b"n")
+    exe = b.manifest(
+        [
+            b.desc(
+                "application/vnd.cncf.model.weight.v1.raw",
+                b"#!x",
+                {mt.ANN_CNCF_FILEPATH: "run", mt.ANN_CNCF_FILE_METADATA: mp_meta("run", 0o755)},
+            )
+        ],
+        artifact_type=mt.MODELPACK_ARTIFACT,
+        config=b.desc(mt.MODELPACK_CONFIG, b"{}"),
+    )
+    s2 = materialize(store, exe)
+    assert {e[0]: e for e in _record(store, s2.key)["entries"]}["run"][6] == sha(b"#!x")
+    assert check_snapshots(store).damaged == {}

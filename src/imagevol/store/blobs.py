@@ -28,6 +28,7 @@ from typing import BinaryIO
 from ..digest import ALGORITHMS, Digest, Verifier, is_digest
 from ..errors import DigestMismatchError, InvalidDigestError, NotFoundError, StoreError
 from ..jsonutil import loads as json_loads
+from ..mediatypes import OCI_EMPTY_DATA, OCI_EMPTY_DIGEST
 from .ingest import READ_CHUNK, Ingest, _fsync_dir, remove_ingest_dir
 from .locks import FileLock, named_lock
 from .meta import Meta
@@ -264,6 +265,7 @@ class GcResult:
     ingest_bytes_freed: int = 0
     expired_leases: list[str] = field(default_factory=list)
     removed_snapshots: list[str] = field(default_factory=list)
+    removed_builds: list[str] = field(default_factory=list)
     dry_run: bool = False
 
 
@@ -451,10 +453,19 @@ class FsckResult:
     fixed_perms: list[Digest] = field(default_factory=list)
     removed_refs: list[str] = field(default_factory=list)
     removed_children_of: list[Digest] = field(default_factory=list)
+    restored: list[Digest] = field(default_factory=list)  # blobs rebuilt from what every manifest holds inline
+    # Snapshots (filled by imagevol.mount.fsck from imagevol.materialize.check_snapshots): key -> the
+    # problems found; keys without a record; damaged ones a volume uses (key -> targets); dropped.
+    snapshots_checked: int = 0
+    damaged_snapshots: dict[str, list[str]] = field(default_factory=dict)
+    unverifiable_snapshots: list[str] = field(default_factory=list)
+    snapshots_in_use: dict[str, list[str]] = field(default_factory=dict)
+    dropped_snapshots: list[str] = field(default_factory=list)
     repaired: bool = False
 
     @property
     def ok(self) -> bool:
+        """Nothing was found wrong (before any repair)."""
         return not (
             self.corrupted
             or self.unreadable
@@ -462,7 +473,21 @@ class FsckResult:
             or self.stray_files
             or self.missing_children
             or self.dangling_refs
+            or self.damaged_snapshots
         )
+
+    @property
+    def problems_left(self) -> list[str]:
+        """What is still wrong after this run (everything found, without a repair)."""
+        fixed = set(self.quarantined) | set(self.fixed_perms) | set(self.removed_refs) | set(self.dropped_snapshots)
+        left = [f"blob {d}" for d in (*self.corrupted, *self.unreadable, *self.wrong_perms) if d not in fixed]
+        left += [f"stray {p}" for p in self.stray_files]
+        left += [
+            f"missing {kid} (child of {parent})" for parent, kid in self.missing_children if kid not in self.restored
+        ]
+        left += [f"ref {r}" for r in self.dangling_refs if r not in fixed]
+        left += [f"snapshot {k}" for k in self.damaged_snapshots if k not in fixed]
+        return left
 
 
 def _hash_path(path: Path, digest: Digest) -> Verifier:
@@ -558,6 +583,11 @@ def fsck(store: Store, *, repair: bool = False) -> FsckResult:
             for kid in kids:
                 if not store.has_blob(kid):
                     (result.missing_children if parent in held else result.incomplete).append((parent, kid))
+                    if repair and kid == OCI_EMPTY_DIGEST and kid not in result.restored:
+                        # The empty descriptor's content is known; pulls before the inline config
+                        # was stored recorded it as a child without storing it.
+                        store.put_bytes(OCI_EMPTY_DATA, Digest(OCI_EMPTY_DIGEST))
+                        result.restored.append(kid)
         if repair and dangling_parents:
             meta.remove_children_of(dangling_parents)
             result.removed_children_of.extend(dangling_parents)

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ..errors import ContentRefusedError, ImagevolError, UnsafeContentError, UsageError
 from ..fsutil import AlignedWriter, pwrite_direct, reopen_direct, start_writeback
@@ -480,7 +480,19 @@ def _check_name(name: str, what: str) -> list[str]:
 # The applier
 
 
+class FileSink(Protocol):
+    """Sees the data of one regular file as the applier writes it (holes as the zero bytes they
+    read as), then ``close()``; ``FileSinks`` are made per file by ``apply_layer(file_sink=)``."""
+
+    def update(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class _Applier:
+    #: file_sink(fd of the new file) for every regular file written (see apply_layer).
+    file_sink: Callable[[int], FileSink] | None = None
+
     def __init__(self, root: str | os.PathLike[str], options: ApplyOptions, warn: Callable[[str], None] | None) -> None:
         self.opts = options
         self.stats = ApplyStats()
@@ -822,12 +834,15 @@ class _Applier:
         fd = os.open(base, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
         try:
             self._mark(key, False)
+            sink = self.file_sink(fd) if self.file_sink is not None else None
             dfd = reopen_direct(fd) if e.size >= DIRECT_MIN else None
             if dfd is not None:
                 try:
-                    written = self._file_direct(fd, dfd, tar)
+                    written = self._file_direct(fd, dfd, tar, sink)
                 finally:
                     os.close(dfd)
+                if sink is not None:
+                    sink.close()
                 self._fd_metadata(fd, e, False)
                 os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
                 self.stats.files += 1
@@ -840,6 +855,8 @@ class _Applier:
                 chunk = tar.read_data(CHUNK)
                 if not chunk:
                     break
+                if sink is not None:
+                    sink.update(chunk)
                 n = len(chunk)
                 if chunk[0] == 0 and chunk == (_ZERO_BYTES if n == CHUNK else _ZERO[:n]):
                     os.lseek(fd, n, os.SEEK_CUR)
@@ -855,6 +872,8 @@ class _Applier:
                     flushed = written
             if hole:
                 os.ftruncate(fd, written)
+            if sink is not None:
+                sink.close()
             self._fd_metadata(fd, e, False)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
@@ -862,7 +881,7 @@ class _Applier:
         self.stats.files += 1
         self.stats.bytes += written
 
-    def _file_direct(self, fd: int, dfd: int, tar: _TarReader) -> int:
+    def _file_direct(self, fd: int, dfd: int, tar: _TarReader, sink: FileSink | None = None) -> int:
         """A large file's data, gathered into aligned buffers and written around the page cache
         by a thread of its own (fsutil.AlignedWriter): extraction goes on while the disk writes,
         and no fresh page-cache memory is touched (docs/performance.md). Runs of zeros stay holes."""
@@ -876,6 +895,8 @@ class _Applier:
         try:
             hole = False
             while chunk := tar.read_data(CHUNK):
+                if sink is not None:
+                    sink.update(chunk)
                 n = len(chunk)
                 if chunk[0] == 0 and chunk == (_ZERO_BYTES if n == CHUNK else _ZERO[:n]):
                     w.skip(n)
@@ -1024,8 +1045,12 @@ def apply_layer(
     compression: str | None = None,
     options: ApplyOptions | None = None,
     warn: Callable[[str], None] | None = None,
+    file_sink: Callable[[int], FileSink] | None = None,
 ) -> ApplyStats:
     """Apply one layer (a tar stream, compressed or not) onto the directory `root`.
+
+    `file_sink(fd)`, when given, is called for every regular file created (its new descriptor)
+    and sees the file's data as it is written (the snapshot record hashes files this way).
 
     `root` may already hold lower layers. `compression` is 'gzip', 'zstd' or 'none'; None sniffs.
     Warnings (skipped entries) go to `warn` (else the log) and to ``ApplyStats.skipped``.
@@ -1036,6 +1061,7 @@ def apply_layer(
     opts = options if options is not None else ApplyOptions()
     data = open_decompressed(stream, compression, max_ratio=opts.max_ratio, max_size=opts.max_size)
     applier = _Applier(root, opts, warn)
+    applier.file_sink = file_sink
     try:
         tar = _TarReader(data)
         while (entry := tar.next()) is not None:
