@@ -5,10 +5,15 @@ used to block forever), `index.json` linked to `/dev/zero` (read without end), a
 `/etc/passwd`, a device node as a blob, a symlinked blob directory. Each `imagevol mount` runs with a
 20 s timeout, so code that hangs fails the test (subprocess.TimeoutExpired) instead of hanging CI;
 every case ends in exit 4 with one `error:` line naming the file and what it is.
+
+Item 11: tar layers served by the real registry: a PAX number of 5000 digits, 70,000 hard links
+to one file, more entries than `--max-entries`: exit 4 with the reason (no `unexpected` error,
+no snapshot left).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -18,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import oci
 from tests.support.clirun import HostGuard, Imagevol, clear_error, make_sentinel
 from tests.support.layout import LayoutWriter
+from tests.support.tars import E, hardlinks_gz, many_entries_gz, push_image, tar_layer
 
 pytestmark = pytest.mark.e2e
 
@@ -130,4 +137,51 @@ def test_layout_path_itself_may_be_a_symlink(iv, guard, tmp_path) -> None:
     r = _mount(iv, f"oci:{tmp_path / 'src' / 'link'}:t", target)
     assert r.returncode == 0, r.stderr
     assert (target / "hello.txt").read_bytes() == b"hello\n"
+    assert iv.unmount(target).returncode == 0
+
+
+# --------------------------------------------------------------------------- item 11: tar layers
+
+
+@pytest.fixture(scope="module")
+def client(registry) -> oci.Client:
+    return oci.Client(registry)
+
+
+def _refused_layer(iv: Imagevol, ref: str, target: Path, needle: str, *args: str) -> None:
+    r = _mount(iv, ref, target, *args)
+    clear_error(r, 4)
+    assert needle in r.stderr, r.stderr
+    assert not os.path.lexists(target)
+    assert [n for n in iv.snapshot_dirs() if not n.startswith(".info-")] == []
+    iv.fsck()
+
+
+def test_pax_number_of_5000_digits_refused(registry, client, iv, guard, tmp_path) -> None:
+    """Found by this issue: exit 1 with `unexpected ValueError` (int() of more than 4300 digits)."""
+    repo = f"hostile/pax-digits-{os.urandom(4).hex()}"
+    push_image(client, repo, "t", [tar_layer([E("a", b"x", pax={"uid": "1" * 5000})])])
+    _refused_layer(iv, f"{registry.host}/{repo}:t", tmp_path / "mnt" / "v", "PAX uid has 5000 digits")
+
+
+def test_70000_hard_links_refused(registry, client, iv, guard, tmp_path) -> None:
+    """Found by this issue: exit 1 with `unexpected OSError: Too many links` (ext4 allows 65,000)."""
+    repo = f"hostile/links-{os.urandom(4).hex()}"
+    push_image(client, repo, "t", [gzip.decompress(hardlinks_gz(70_000))])
+    _refused_layer(iv, f"{registry.host}/{repo}:t", tmp_path / "mnt" / "v", "too many links")
+
+
+def test_max_entries_on_the_command_line(registry, client, iv, guard, tmp_path) -> None:
+    """`--max-entries 1000` refuses a layer of 2,000 entries (exit 4, the option named in the
+    hint); `--max-entries 0` lifts the limit."""
+    repo = f"hostile/entries-{os.urandom(4).hex()}"
+    push_image(client, repo, "t", [gzip.decompress(many_entries_gz(2000))])
+    ref = f"{registry.host}/{repo}:t"
+    target = tmp_path / "mnt" / "v"
+    _refused_layer(iv, ref, target, "layer holds more than 1000 entries", "--max-entries", "1000")
+    r = _mount(iv, ref, target, "--max-entries", "1000")
+    assert "hint: an inode bomb, or a very large layer: raise the limit with --max-entries" in r.stderr
+    r = _mount(iv, ref, target, "--max-entries", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(os.listdir(target / "d000000")) + len(os.listdir(target / "d000001")) == 2000 - 2
     assert iv.unmount(target).returncode == 0
