@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import tarfile
 import tracemalloc
 from collections.abc import Iterator
@@ -229,3 +230,32 @@ def test_warnings_are_capped(root) -> None:
     stats = apply_layer(root, io.BytesIO(_tar([FIFO(f"p{i}") for i in range(1500)])), warn=seen.append)
     assert len(stats.skipped) == 1001 == len(seen)
     assert stats.skipped[-1] == "500 more warnings not shown (only the first 1000 are)"
+
+
+# --------------------------------------------------------------------------- the store's own blobs
+
+
+def test_store_blob_that_is_a_fifo_refused_without_blocking(tmp_path) -> None:
+    """The sibling of the layout FIFO in the store: `Store.open_blob` opened a FIFO put in place of
+    a blob without O_NONBLOCK and blocked for ever. Run in a child with a timeout (a hang fails the
+    test instead of hanging it): now a StoreError naming the blob."""
+    code = f"""
+import os
+from imagevol.errors import StoreError
+from imagevol.store import Store
+s = Store({str(tmp_path / "store")!r})
+s.ensure()
+d = s.put_bytes(b"hello")
+p = s.blob_path(d)
+os.chmod(p.parent, 0o700)
+os.unlink(p)
+os.mkfifo(p)
+try:
+    s.read_blob(d, 100)
+except StoreError as e:
+    print(e.message)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(applier_mod.__file__).parents[2]), os.getcwd()]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "in the store is not a regular file (mode 10" in r.stdout, r.stdout
