@@ -119,8 +119,6 @@ class Store:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} is not in the store", hint="pull the image first") from None
-        except OSError as e:
-            raise StoreError(f"blob {digest} in the store cannot be opened: {e.strerror}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
