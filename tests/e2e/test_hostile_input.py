@@ -140,6 +140,42 @@ def test_layout_path_itself_may_be_a_symlink(iv, guard, tmp_path) -> None:
     assert iv.unmount(target).returncode == 0
 
 
+@pytest.mark.parametrize("which", ["index.json", "oci-layout"])
+def test_output_into_a_layout_with_a_fifo_refused(registry, client, iv, guard, tmp_path, which) -> None:
+    """The sibling on the write side: `pull --output oci:DIR` into an existing layout read its
+    `oci-layout` and `index.json` with read_bytes(): a FIFO hung it. Now exit 4 naming the file."""
+    repo = f"hostile/out-{os.urandom(4).hex()}"
+    push_image(client, repo, "t", [tar_layer([E("a", b"x")])])
+    out = tmp_path / "src" / "out"
+    LayoutWriter(out).write_index()
+    os.unlink(out / which)
+    os.mkfifo(out / which)
+    r = iv.run("pull", f"{registry.host}/{repo}:t", "--output", f"oci:{out}:t", timeout=HANG_GUARD)
+    clear_error(r, 4)
+    assert f"{which} in OCI layout {str(out)!r} is a FIFO, not a regular file" in r.stderr, r.stderr
+
+
+def test_output_replaces_a_symlinked_blob(registry, client, iv, guard, tmp_path) -> None:
+    """A blob of the output layout that is a symlink (here to /etc/passwd) is not taken for the
+    blob (it was, when its target had the blob's size): it is replaced by the real one, and the
+    link's target is not written."""
+    repo = f"hostile/out-link-{os.urandom(4).hex()}"
+    layer = tar_layer([E("a", b"x")])
+    push_image(client, repo, "t", [layer])
+    blob = gzip.compress(layer, mtime=0)
+    passwd = Path("/etc/passwd").read_bytes()
+    out = tmp_path / "src" / "out"
+    LayoutWriter(out).write_index()
+    from tests.support.layout import sha
+
+    link = out / "blobs" / "sha256" / sha(blob).split(":")[1]
+    os.symlink("/etc/passwd", link)
+    r = iv.run("pull", f"{registry.host}/{repo}:t", "--output", f"oci:{out}:t", timeout=HANG_GUARD)
+    assert r.returncode == 0, r.stderr
+    assert not link.is_symlink() and link.read_bytes() == blob
+    assert Path("/etc/passwd").read_bytes() == passwd
+
+
 # --------------------------------------------------------------------------- item 11: tar layers
 
 

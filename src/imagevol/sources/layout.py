@@ -51,6 +51,58 @@ def _kind(mode: int) -> str:
     return f"not a regular file (mode {mode:o})"
 
 
+def _refused(parts: list[str], mode: int, where: str) -> UnsafeContentError:
+    return UnsafeContentError(
+        f"{'/'.join(parts)} in OCI layout {where!r} is {_kind(mode)}, not a regular file",
+        hint="every file and directory inside an OCI layout must be a real one (no symlinks, FIFOs or "
+        "devices); copy the layout with `cp -rL` to replace symlinks by the files they point at",
+    )
+
+
+def open_layout_file(layout: str | os.PathLike[str], parts: list[str], where: str) -> int:
+    """A read descriptor of the regular file `parts` inside the layout directory `layout`, reached
+    without following any symlink, and opened for reading only once it is known to be a regular
+    file (`where` names the layout in messages). FileNotFoundError if it does not exist;
+    UnsafeContentError if it, or a directory on the way, is something else."""
+    fd = os.open(layout, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the user's path may be a link
+    try:
+        for i, c in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(c, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise _refused(parts[: i + 1], os.stat(c, dir_fd=fd, follow_symlinks=False).st_mode, where) from None
+            os.close(fd)
+            fd = nfd
+        pfd = os.open(parts[-1], _PATH_FLAGS, dir_fd=fd)
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _refused(parts, st.st_mode, where)
+            # Reopening the O_PATH descriptor opens the very inode checked above.
+            return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+    finally:
+        os.close(fd)
+
+
+def read_layout_file(layout: str | os.PathLike[str], parts: list[str], max_size: int, where: str) -> bytes:
+    """A small regular file of a layout, whole (see :func:`open_layout_file`); ManifestError above
+    `max_size` (checked before reading, and never more than max_size + 1 bytes are read)."""
+    fd = open_layout_file(layout, parts, where)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        what = "/".join(parts)
+        if size > max_size:
+            raise ManifestError(f"{what} in OCI layout {where!r} is {size} bytes, over the {max_size} byte limit")
+        raw = f.read(max_size + 1)
+        if len(raw) > max_size:
+            raise ManifestError(f"{what} in OCI layout {where!r} is over the {max_size} byte limit")
+        return raw
+
+
 class LayoutSource:
     """A Source reading one reference out of an OCI image layout directory."""
 
@@ -83,56 +135,11 @@ class LayoutSource:
         d = Digest(digest)  # validated before it becomes a path
         return ["blobs", d.algorithm, d.hex]
 
-    def _refused(self, parts: list[str], mode: int) -> UnsafeContentError:
-        return UnsafeContentError(
-            f"{'/'.join(parts)} in OCI layout {self.ref.path!r} is {_kind(mode)}, not a regular file",
-            hint="every file and directory inside an OCI layout must be a real one (no symlinks, FIFOs or "
-            "devices); copy the layout with `cp -rL` to replace symlinks by the files they point at",
-        )
-
     def _open(self, parts: list[str]) -> int:
-        """A read descriptor of the regular file `parts` inside the layout, reached without following
-        any symlink, and opened for reading only once it is known to be a regular file.
-        FileNotFoundError if it does not exist; UnsafeContentError if it or a directory on the way is
-        not a regular file (directory)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the user's path may be a link
-        try:
-            for i, c in enumerate(parts[:-1]):
-                try:
-                    nfd = os.open(c, _DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    raise self._refused(parts[: i + 1], os.stat(c, dir_fd=fd, follow_symlinks=False).st_mode) from None
-                os.close(fd)
-                fd = nfd
-            pfd = os.open(parts[-1], _PATH_FLAGS, dir_fd=fd)
-            try:
-                st = os.fstat(pfd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise self._refused(parts, st.st_mode)
-                # Reopening the O_PATH descriptor opens the very inode checked above.
-                return os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
-            finally:
-                os.close(pfd)
-        finally:
-            os.close(fd)
+        return open_layout_file(self.path, parts, self.ref.path)
 
     def _read_file(self, parts: list[str], max_size: int) -> bytes:
-        """A small file of the layout, whole; ManifestError above `max_size` (checked before reading,
-        and never more than max_size + 1 bytes are read)."""
-        fd = self._open(parts)
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(fd).st_size
-            what = "/".join(parts)
-            if size > max_size:
-                raise ManifestError(
-                    f"{what} in OCI layout {self.ref.path!r} is {size} bytes, over the {max_size} byte limit"
-                )
-            raw = f.read(max_size + 1)
-            if len(raw) > max_size:
-                raise ManifestError(f"{what} in OCI layout {self.ref.path!r} is over the {max_size} byte limit")
-            return raw
+        return read_layout_file(self.path, parts, max_size, self.ref.path)
 
     def _read_index(self) -> Index:
         try:
