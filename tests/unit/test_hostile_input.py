@@ -215,6 +215,17 @@ def test_state_moved_to_disk_gives_the_same_tree(tmp_path, monkeypatch, spill_at
     assert (root / "keep").stat().st_mtime_ns == 1
 
 
+def test_state_moved_to_disk_keeps_the_root_times(tmp_path, monkeypatch) -> None:
+    """The database file is created in the root and unlinked at once: the root's mtime, which a
+    layer that writes only below existing directories leaves alone, must not change."""
+    monkeypatch.setattr(applier_mod, "SPILL_AT", 1)
+    (tmp_path / "usr").mkdir()
+    os.utime(tmp_path, ns=(5, 7))
+    apply_layer(tmp_path, io.BytesIO(_tar([F(f"usr/f{i}") for i in range(10)])))
+    assert sorted(os.listdir(tmp_path)) == ["usr"]
+    assert tmp_path.stat().st_mtime_ns == 7
+
+
 def test_state_moved_to_disk_refuses_duplicates(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(applier_mod, "SPILL_AT", 2)
     layer = _tar([F("a"), F("b"), F("c"), F("a", b"again")])

@@ -539,6 +539,7 @@ class _PathState:
 
     def _open_db(self) -> sqlite3.Connection | None:
         name = f".imagevol-apply-{uuid.uuid4().hex}"
+        root_st = os.fstat(self._root_fd)  # the root's times are put back: the file comes and goes
         try:
             fd = os.open(
                 name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._root_fd
@@ -568,6 +569,7 @@ class _PathState:
         finally:
             os.unlink(name, dir_fd=self._root_fd)
             os.close(fd)
+            os.utime(self._root_fd, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
 
     def close(self) -> None:
         if self._db is not None:
