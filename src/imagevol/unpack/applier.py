@@ -569,7 +569,10 @@ class _PathState:
         finally:
             os.unlink(name, dir_fd=self._root_fd)
             os.close(fd)
-            os.utime(self._root_fd, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
+            try:
+                os.utime(self._root_fd, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
+            except OSError:
+                pass  # a root that is not ours (the finished layer's fixups still apply)
 
     def close(self) -> None:
         if self._db is not None:
