@@ -565,6 +565,13 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
     metavar="SIZE",
     help="Refuse a layer that expands to more than SIZE (e.g. 500G, 2TiB, bytes).",
 )
+@click.option(
+    "--max-entries",
+    type=click.IntRange(min=0),
+    default=1_000_000,  # unpack.applier.DEFAULT_MAX_ENTRIES (not imported: the CLI starts fast)
+    show_default=True,
+    help="Refuse a layer of more than this many tar entries (an inode bomb); 0: no limit.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @registry_options
 @click.pass_context
@@ -578,6 +585,7 @@ def mount_cmd(
     name_untitled: str,
     max_ratio: float,
     max_size: str | None,
+    max_entries: int,
     as_json: bool,
     **kw: Any,
 ) -> None:
@@ -600,6 +608,7 @@ def mount_cmd(
         name_untitled=name_untitled,
         max_ratio=max_ratio or None,
         max_size=parse_size(max_size) if max_size else None,
+        max_entries=max_entries or None,
         warn=lambda m: click.echo(f"warning: {m}", err=True),
     )
     options = make_options(kw)

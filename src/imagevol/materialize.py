@@ -221,6 +221,7 @@ def _apply_fields(opts: ApplyOptions) -> dict[str, Any]:
     d = dataclasses.asdict(opts)
     d.pop("max_ratio", None)
     d.pop("max_size", None)
+    d.pop("max_entries", None)
     return d
 
 

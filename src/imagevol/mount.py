@@ -40,7 +40,7 @@ from .sources.registry import RegistryOptions, RegistrySource
 from .store import FsckResult, GcResult, Store
 from .store import fsck as store_fsck
 from .store import gc as store_gc
-from .unpack.applier import DEFAULT_MAX_RATIO, ApplyOptions
+from .unpack.applier import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_RATIO, ApplyOptions
 from .volume import Volume, create_volume, list_volumes, reconcile, remove_volume
 
 
@@ -89,6 +89,7 @@ def mount(
     name_untitled: str = "skip",
     max_ratio: float | None = DEFAULT_MAX_RATIO,
     max_size: int | None = None,
+    max_entries: int | None = DEFAULT_MAX_ENTRIES,
     options: RegistryOptions | None = None,
     progress: ProgressFn | None = None,
     warn: Callable[[str], None] | None = None,
@@ -99,7 +100,8 @@ def mount(
 
     Content is pulled per `pull_policy`, materialized once into a snapshot shared by every volume of
     the same manifest, and held by a lease until :func:`unmount`. `max_ratio` / `max_size` bound how
-    far a compressed layer may expand (decompression bombs); None lifts a limit. With `stream`
+    far a compressed layer may expand (decompression bombs), `max_entries` how many tar entries one
+    layer may hold (inode bombs); None lifts a limit. With `stream`
     (the default), an image's largest missing layer is extracted while it downloads (see
     :func:`_pull_and_materialize`); False pulls everything first.
     """
@@ -129,7 +131,7 @@ def mount(
         lease = f"mount:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
         try:
-            apply = ApplyOptions(max_ratio=max_ratio, max_size=max_size)
+            apply = ApplyOptions(max_ratio=max_ratio, max_size=max_size, max_entries=max_entries)
             options_m = MaterializeOptions(name_untitled=name_untitled, apply=apply)
             streamed: list[str] = []
             if stream and _can_overlap(plan, options_m):

@@ -126,3 +126,63 @@ def push_artifact(
     )
     client.push_manifest(repo, tag, body, OCI_MANIFEST)
     return digest
+
+
+def _ustar_header(name: str, typeflag: bytes, mode: int, link: str = "") -> bytes:
+    """One ustar header of an empty entry (names of at most 100 bytes)."""
+    h = bytearray(512)
+    raw = name.encode()
+    assert len(raw) <= 100 and len(link) <= 100, name
+    h[0 : len(raw)] = raw
+    h[157 : 157 + len(link)] = link.encode()
+    h[100:108] = b"%07o\0" % mode
+    h[108:116] = b"%07o\0" % 0
+    h[116:124] = b"%07o\0" % 0
+    h[124:136] = b"%011o\0" % 0
+    h[136:148] = b"%011o\0" % MTIME
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def many_entries_gz(n: int, *, per_dir: int = 1000) -> bytes:
+    """A gzip-compressed tar of `n` entries: directories `dNNNNN/` each holding up to `per_dir`
+    empty files (the directories count as entries). An inode bomb: 400,000 entries gzip to 1-4 MB.
+    Written header by header (tarfile takes ten times longer)."""
+    import zlib
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
+    out: list[bytes] = []
+    batch: list[bytes] = []
+    count = 0
+    d = 0
+    while count < n:
+        dname = f"d{d:06d}/"
+        batch.append(_ustar_header(dname, b"5", 0o755))
+        count += 1
+        for i in range(min(per_dir, n - count)):
+            batch.append(_ustar_header(f"{dname}f{i:06d}", b"0", 0o644))
+            count += 1
+        out.append(z.compress(b"".join(batch)))
+        batch.clear()
+        d += 1
+    out.append(z.compress(bytes(1024)))
+    out.append(z.flush())
+    return b"".join(out)
+
+
+def hardlinks_gz(n: int) -> bytes:
+    """A gzip-compressed tar of one empty file `f` and `n` hard links to it (`lNNNNNNN`)."""
+    import zlib
+
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [z.compress(_ustar_header("f", b"0", 0o644))]
+    for i in range(0, n, 1000):
+        out.append(
+            z.compress(b"".join(_ustar_header(f"l{j:07d}", b"1", 0o644, "f") for j in range(i, min(n, i + 1000))))
+        )
+    out.append(z.compress(bytes(1024)))
+    out.append(z.flush())
+    return b"".join(out)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from ..digest import Digest, digest_bytes
 from ..errors import DigestMismatchError, ManifestError, UsageError
 from ..fsutil import fsync_dir as _fsync_dir
 from ..fsutil import reflink
-from ..manifest import Descriptor
+from ..manifest import MAX_MANIFEST_SIZE, Descriptor
 from ..reference import LayoutReference
+from ..sources.layout import read_layout_file
 from . import PIECE, Blob, PushStats
 
 __all__ = ["LayoutSink"]
@@ -62,9 +64,10 @@ class LayoutSink:
             raise UsageError(f"{self.path} exists and is not a directory", hint="an OCI layout is a directory")
         self.path.mkdir(parents=True, exist_ok=True)
         marker = self.path / "oci-layout"
-        if marker.exists():
+        if os.path.lexists(marker):
+            raw = read_layout_file(self.path, ["oci-layout"], MAX_MANIFEST_SIZE, str(self.path))  # regular files only
             try:
-                version = json.loads(marker.read_bytes()).get("imageLayoutVersion")
+                version = json.loads(raw).get("imageLayoutVersion")
             except (ValueError, AttributeError):
                 version = None
             if version != LAYOUT_VERSION:
@@ -117,9 +120,11 @@ class LayoutSink:
 
     def has_blob(self, digest: Digest, size: int | None = None) -> bool:
         try:
-            st = self.blob_path(digest).stat()
+            st = self.blob_path(digest).lstat()
         except FileNotFoundError:
             return False
+        if not stat.S_ISREG(st.st_mode):
+            return False  # a link or a FIFO is no blob: it is replaced by the real one
         return size is None or st.st_size == size
 
     def _tmp_blob(self, digest: Digest) -> Path:
@@ -188,7 +193,10 @@ class LayoutSink:
                 try:
                     os.link(src, target)
                 except FileExistsError:
-                    pass
+                    if not self.has_blob(d, size):  # a symlink or a FIFO holds the name: replace it
+                        tmp = target.with_name(f".tmp-link-{os.getpid()}-{os.urandom(4).hex()}")
+                        os.link(src, tmp)
+                        os.replace(tmp, target)
                 if progress:
                     progress(size)
                 return True
@@ -315,7 +323,7 @@ class LayoutSink:
     def _read_index(self) -> dict[str, Any]:
         p = self.path / "index.json"
         try:
-            doc = json.loads(p.read_bytes())
+            doc = json.loads(read_layout_file(self.path, ["index.json"], MAX_MANIFEST_SIZE, str(self.path)))
         except FileNotFoundError:
             return {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}
         except ValueError as e:

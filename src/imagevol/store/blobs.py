@@ -116,9 +116,18 @@ class Store:
         """Open a blob for reading; NotFoundError if it is absent."""
         path = self.blob_path(digest)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            # O_NONBLOCK: a FIFO put in place of a blob must not block the open (OCI layouts: the same).
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             raise NotFoundError(f"blob {digest} is not in the store", hint="pull the image first") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise StoreError(
+                f"blob {digest} in the store is not a regular file (mode {st.st_mode:o})",
+                hint="run `imagevol fsck --repair`, then pull again",
+            )
+        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
     def read_blob(self, digest: Digest, max_size: int) -> bytes:

@@ -20,6 +20,12 @@ hostile. The rules (SPEC.md, "Layer extraction safety"):
   opaque marker after a child keeps that child. ``.wh.``, ``.wh..`` and ``.wh...`` are refused.
 * A non-directory entry for the root itself, a NUL in a name, a name component longer than
   NAME_MAX and a path longer than PATH_MAX are refused (UnsafeContentError, exit code 4).
+* Malformed or hostile numbers and counts are refusals too (exit code 4), never a stray
+  ValueError or OSError: a PAX number of more than MAX_PAX_DIGITS digits, more hard links to one
+  file (or subdirectories in one directory) than the file system allows (EMLINK), more than
+  ApplyOptions.max_entries entries (LimitExceededError). What the applier remembers per path moves
+  to a temporary database past SPILL_AT items (_PathState), so memory stays flat in the number of
+  entries; warnings past MAX_WARNINGS are counted, not kept.
 
 The tar format is read by an own header parser (ustar, GNU long names/links, PAX headers with path,
 linkpath, size, mtime, uid, gid and SCHILY.xattr.*; PAX global headers are ignored, as containerd
@@ -32,18 +38,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import stat
 import struct
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO, Protocol
 
-from ..errors import ContentRefusedError, ImagevolError, UnsafeContentError, UsageError
+from ..errors import ContentRefusedError, ImagevolError, LimitExceededError, UnsafeContentError, UsageError
 from ..fsutil import AlignedWriter, pwrite_direct, reopen_direct, start_writeback
 from .compression import open_decompressed
 
-__all__ = ["ApplyOptions", "ApplyStats", "apply_layer"]
+__all__ = ["DEFAULT_MAX_ENTRIES", "ApplyOptions", "ApplyStats", "apply_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,15 @@ MAX_SYMLINKS = 40
 MAX_DEPTH = 256
 # Largest PAX header or GNU long name/link accepted (they are held in memory).
 MAX_META = 1 << 20
+# Most digits of a PAX number (size, uid, gid; twice that for mtime with its fraction): 2**64 has 20.
+MAX_PAX_DIGITS = 32
+#: Default most entries one layer may hold (ApplyOptions.max_entries, `--max-entries`).
+DEFAULT_MAX_ENTRIES = 1_000_000
+# Per-path state of a layer beyond this many items moves from memory to a temporary database
+# (_PathState), so memory stays flat in the number of entries.
+SPILL_AT = 20_000
+# Warnings kept (and passed on) per layer; the rest are counted.
+MAX_WARNINGS = 1000
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -115,6 +132,9 @@ class ApplyOptions:
     max_ratio / max_size: decompression-bomb limits (see :func:`..compression.open_decompressed`);
         by default a layer may expand at most :data:`DEFAULT_MAX_RATIO` times (real layers: 1-10x;
         gzip of zeros: ~1000x), with no size cap. None lifts a limit.
+    max_entries: most tar entries one layer may hold (an inode bomb: 400,000 empty files gzip to
+        2.5 MB); by default :data:`DEFAULT_MAX_ENTRIES`, well above real layers (a whole distribution's
+        /usr holds a few hundred thousand files). None lifts the limit.
     whiteouts: apply OCI whiteouts (image layers); False for artifact tar layers, where a whiteout
         name is refused as unsafe.
     xattrs: apply SCHILY.xattr.user.* and trusted.* (default: when running as root);
@@ -127,6 +147,7 @@ class ApplyOptions:
     setuid: str = "keep"
     max_ratio: float | None = DEFAULT_MAX_RATIO
     max_size: int | None = None
+    max_entries: int | None = DEFAULT_MAX_ENTRIES
     whiteouts: bool = True
     xattrs: bool = field(default_factory=_is_root)
     security_xattrs: bool = False
@@ -201,12 +222,18 @@ def _number(field_: bytes, what: str) -> int:
 
 def _decimal(value: bytes, key: str) -> int:
     text = value.decode("ascii", "replace")
+    if len(text) > MAX_PAX_DIGITS:
+        # int() of more than 4300 digits raises ValueError (sys.int_info.str_digits_check_threshold),
+        # and no size, id or time needs more than 20.
+        raise _bad_tar(f"PAX {key} has {len(text)} digits (at most {MAX_PAX_DIGITS} are accepted)")
     if not text.isdigit():
         raise _bad_tar(f"invalid PAX {key} {text!r}")
     return int(text)
 
 
 def _pax_time_ns(value: bytes) -> int:
+    if len(value) > MAX_PAX_DIGITS * 2:
+        raise _bad_tar(f"PAX mtime has {len(value)} characters (at most {MAX_PAX_DIGITS * 2} are accepted)")
     try:
         t = Decimal(value.decode("ascii"))
     except (InvalidOperation, UnicodeDecodeError):
@@ -477,6 +504,174 @@ def _check_name(name: str, what: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# What the applier remembers per path
+
+
+class _PathState:
+    """What one layer wrote, for whiteouts, duplicates and the directory times set at the end:
+
+    * written: resolved key ('/'-joined, relative to the root) -> is a directory;
+    * touched: every written key and all its ancestors (whiteouts keep what is in here);
+    * fixups: directories whose mode/mtime are set at the end, in entry order;
+    * kept times: directories this layer changes without an entry of their own keep their times
+      (as umoci does): key -> (atime_ns, mtime_ns) before the first change.
+
+    All of it grows with the number of entries, so memory stays flat: it is kept in dicts up to
+    SPILL_AT items, then moved to a SQLite database in an unlinked file of the root's own file
+    system (created with a random name, opened by SQLite, checked to be the file SQLite writes, and
+    unlinked before any entry is applied: it never appears in the tree, and it is gone when closed).
+    Where that cannot be done (a file system without locking, say), everything stays in memory, as
+    the entry limit (ApplyOptions.max_entries) bounds it.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self._root_fd = root_fd
+        self._written: dict[str, bool] = {}
+        self._touched: set[str] = {""}
+        self._fixups: list[tuple[str, int | None, int]] = []
+        self._kept: dict[str, tuple[int, int]] = {}
+        self._db: sqlite3.Connection | None = None
+        self._spill_failed = False
+
+    def _maybe_spill(self) -> None:
+        """Called before each change, so that a change is made whole in one place or the other."""
+        if self._db is not None or self._spill_failed:
+            return
+        if len(self._written) + len(self._touched) + len(self._fixups) + len(self._kept) >= SPILL_AT:
+            self._spill()
+
+    def _spill(self) -> None:
+        db = self._open_db()
+        if db is None:
+            self._spill_failed = True
+            return
+        db.executemany("INSERT INTO written VALUES (?, ?)", self._written.items())
+        db.executemany("INSERT INTO touched VALUES (?)", ((k,) for k in self._touched))
+        db.executemany("INSERT INTO fixups (key, mode, mtime) VALUES (?, ?, ?)", self._fixups)
+        db.executemany("INSERT INTO kept VALUES (?, ?, ?)", ((k, a, m) for k, (a, m) in self._kept.items()))
+        self._written, self._touched, self._fixups, self._kept = {}, set(), [], {}
+        self._db = db
+
+    def _open_db(self) -> sqlite3.Connection | None:
+        name = f".imagevol-apply-{uuid.uuid4().hex}"
+        root_st = os.fstat(self._root_fd)  # the root's times are put back: the file comes and goes
+        try:
+            fd = os.open(
+                name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self._root_fd
+            )
+        except OSError as e:
+            log.debug("per-path state stays in memory: %s", e)
+            return None
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(f"/proc/self/fd/{self._root_fd}/{name}", isolation_level=None, check_same_thread=False)
+            for pragma in ("journal_mode=OFF", "synchronous=OFF", "locking_mode=EXCLUSIVE", "cache_size=-4096"):
+                db.execute(f"PRAGMA {pragma}")
+            db.execute("CREATE TABLE written (key TEXT PRIMARY KEY, dir INTEGER) WITHOUT ROWID")
+            db.execute("CREATE TABLE touched (key TEXT PRIMARY KEY) WITHOUT ROWID")
+            db.execute("CREATE TABLE fixups (seq INTEGER PRIMARY KEY, key TEXT, mode INTEGER, mtime INTEGER)")
+            db.execute("CREATE INDEX fixups_key ON fixups (key)")
+            db.execute("CREATE TABLE kept (key TEXT PRIMARY KEY, atime INTEGER, mtime INTEGER) WITHOUT ROWID")
+            if os.fstat(fd).st_size == 0:  # SQLite wrote somewhere else (it resolves the path itself)
+                raise OSError(errno.EIO, "the database is not the file created for it")
+            db.execute("BEGIN")  # one transaction, never committed: nothing is synced
+            return db
+        except (sqlite3.Error, OSError) as e:
+            log.debug("per-path state stays in memory: %s", e)
+            if db is not None:
+                db.close()
+            return None
+        finally:
+            os.unlink(name, dir_fd=self._root_fd)
+            os.close(fd)
+            try:
+                os.utime(self._root_fd, ns=(root_st.st_atime_ns, root_st.st_mtime_ns))
+            except OSError:
+                pass  # a root that is not ours (the finished layer's fixups still apply)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def mark(self, key: str, is_dir: bool) -> None:
+        self._maybe_spill()
+        db = self._db
+        if db is None:
+            self._written[key] = is_dir
+            k = key
+            while k not in self._touched:
+                self._touched.add(k)
+                k = k.rpartition("/")[0]
+            return
+        db.execute("INSERT OR REPLACE INTO written VALUES (?, ?)", (key, is_dir))
+        k = key
+        while db.execute("INSERT OR IGNORE INTO touched VALUES (?)", (k,)).rowcount:
+            k = k.rpartition("/")[0]
+
+    def written(self, key: str) -> bool | None:
+        """Whether this layer wrote `key` as a directory (True), a non-directory (False), or not at all."""
+        if self._db is None:
+            return self._written.get(key)
+        row = self._db.execute("SELECT dir FROM written WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bool(row[0])
+
+    def touched(self, key: str) -> bool:
+        if self._db is None:
+            return key in self._touched
+        return self._db.execute("SELECT 1 FROM touched WHERE key = ?", (key,)).fetchone() is not None
+
+    def add_fixup(self, key: str, mode: int | None, mtime_ns: int) -> None:
+        self._maybe_spill()
+        if self._db is None:
+            self._fixups.append((key, mode, mtime_ns))
+        else:
+            self._db.execute("INSERT INTO fixups (key, mode, mtime) VALUES (?, ?, ?)", (key, mode, mtime_ns))
+
+    def fixups(self) -> Iterator[tuple[str, int | None, int]]:
+        if self._db is None:
+            yield from self._fixups
+            return
+        last = 0
+        while rows := self._db.execute(
+            "SELECT seq, key, mode, mtime FROM fixups WHERE seq > ? ORDER BY seq LIMIT 1000", (last,)
+        ).fetchall():
+            for seq, key, mode, mtime in rows:
+                last = seq
+                yield key, mode, mtime
+
+    def has_kept_times(self, key: str) -> bool:
+        if self._db is None:
+            return key in self._kept
+        return self._db.execute("SELECT 1 FROM kept WHERE key = ?", (key,)).fetchone() is not None
+
+    def keep_times(self, key: str, atime_ns: int, mtime_ns: int) -> None:
+        self._maybe_spill()
+        if self._db is None:
+            self._kept[key] = (atime_ns, mtime_ns)
+        else:
+            self._db.execute("INSERT OR IGNORE INTO kept VALUES (?, ?, ?)", (key, atime_ns, mtime_ns))
+
+    def kept_times_without_fixup(self) -> Iterator[tuple[str, int, int]]:
+        """Kept times of directories without a fixup of their own (those set their own mtime)."""
+        if self._db is None:
+            explicit = {key for key, _, _ in self._fixups}
+            for key, (atime_ns, mtime_ns) in self._kept.items():
+                if key not in explicit:
+                    yield key, atime_ns, mtime_ns
+            return
+        last = ""
+        while rows := self._db.execute(
+            "SELECT key, atime, mtime FROM kept WHERE key > ? AND key NOT IN (SELECT key FROM fixups) "
+            "ORDER BY key LIMIT 1000",
+            (last,),
+        ).fetchall():
+            for key, atime_ns, mtime_ns in rows:
+                last = key
+                yield key, atime_ns, mtime_ns
+
+
+# --------------------------------------------------------------------------------------------------
 # The applier
 
 
@@ -497,30 +692,35 @@ class _Applier:
         self.opts = options
         self.stats = ApplyStats()
         self._warn_cb = warn
+        self.suppressed = 0
         self._is_root = os.geteuid() == 0
         try:
             self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise ImagevolError(f"cannot open layer root {os.fspath(root)!r}: {e.strerror}") from None
-        # Resolved paths (relative to root, '/'-joined) written by this layer -> is a directory.
-        self.written: dict[str, bool] = {}
-        # Every written path and all its ancestors: whiteouts keep what is in here.
-        self.touched: set[str] = {""}
-        # Directories whose metadata is finished at the end: (key, mode or None, mtime_ns).
-        self.fixups: list[tuple[str, int | None, int]] = []
-        # Directories this layer changes without an entry of their own keep their times (as umoci
-        # does): resolved key -> (atime_ns, mtime_ns) before the first change.
-        self.kept_times: dict[str, tuple[int, int]] = {}
+        # What this layer wrote (paths, directory fixups, kept times): see _PathState.
+        self.paths = _PathState(self.root_fd)
 
     def _keep_times(self, pfd: int, pkey: str) -> None:
-        if pkey not in self.kept_times:
+        if not self.paths.has_kept_times(pkey):
             st = os.fstat(pfd)
-            self.kept_times[pkey] = (st.st_atime_ns, st.st_mtime_ns)
+            self.paths.keep_times(pkey, st.st_atime_ns, st.st_mtime_ns)
 
     def close(self) -> None:
+        self.paths.close()
         os.close(self.root_fd)
+        if self.suppressed:
+            msg = f"{self.suppressed} more warnings not shown (only the first {MAX_WARNINGS} are)"
+            self.stats.skipped.append(msg)
+            if self._warn_cb is not None:
+                self._warn_cb(msg)
+            else:
+                log.warning("%s", msg)
 
     def warn(self, msg: str) -> None:
+        if len(self.stats.skipped) >= MAX_WARNINGS:
+            self.suppressed += 1  # a layer of a million FIFOs must not keep a million messages
+            return
         self.stats.skipped.append(msg)
         if self._warn_cb is not None:
             self._warn_cb(msg)
@@ -530,11 +730,7 @@ class _Applier:
     # -- bookkeeping
 
     def _mark(self, key: str, is_dir: bool) -> None:
-        self.written[key] = is_dir
-        k = key
-        while k not in self.touched:
-            self.touched.add(k)
-            k = k.rpartition("/")[0]
+        self.paths.mark(key, is_dir)
 
     # -- resolution inside the root
 
@@ -681,10 +877,10 @@ class _Applier:
 
     def _remove_lower(self, parent_fd: int, name: str, key: str) -> None:
         """Remove what lower layers put at `key`, keeping everything this layer wrote."""
-        if key not in self.touched:
+        if not self.paths.touched(key):
             self._remove(parent_fd, name)
             return
-        if self.written.get(key) is False:
+        if self.paths.written(key) is False:
             return  # a non-directory written by this layer
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
@@ -705,7 +901,7 @@ class _Applier:
         existing_dir = stat.S_ISDIR(st.st_mode)
         if is_dir and existing_dir:
             return True
-        if key in self.written and self.opts.duplicates == "refuse":
+        if self.opts.duplicates == "refuse" and self.paths.written(key) is not None:
             raise UnsafeContentError(
                 f"layer entry {name!r}: the layer writes this path twice",
                 hint="duplicates='last' lets the last entry win",
@@ -777,7 +973,7 @@ class _Applier:
                 mode = self._fd_metadata(fd, e, True)
             finally:
                 os.close(fd)
-            self.fixups.append(("", None if self._is_root else mode, e.mtime_ns))
+            self.paths.add_fixup("", None if self._is_root else mode, e.mtime_ns)
             return
         if e.sparse:
             self.warn(f"{e.name}: sparse file skipped (not supported)")
@@ -921,7 +1117,7 @@ class _Applier:
         finally:
             os.close(fd)
         self._mark(key, True)
-        self.fixups.append((key, None if self._is_root else mode, e.mtime_ns))
+        self.paths.add_fixup(key, None if self._is_root else mode, e.mtime_ns)
         self.stats.dirs += 1
 
     def _symlink(self, pfd: int, base: str, key: str, e: _Entry) -> None:
@@ -1013,10 +1209,7 @@ class _Applier:
 
     def finish(self) -> None:
         """Directory modes (when not root) and mtimes, now that nothing more is written in them."""
-        explicit = {key for key, _, _ in self.fixups}
-        for key, (atime_ns, mtime_ns) in self.kept_times.items():
-            if key in explicit:
-                continue
+        for key, atime_ns, mtime_ns in self.paths.kept_times_without_fixup():
             try:
                 fd = self._open_resolved(key.split("/") if key else [])
             except UnsafeContentError:
@@ -1025,7 +1218,7 @@ class _Applier:
                 os.utime(fd, ns=(atime_ns, mtime_ns))
             finally:
                 os.close(fd)
-        for key, mode, mtime_ns in self.fixups:
+        for key, mode, mtime_ns in self.paths.fixups():
             try:
                 fd = self._open_resolved(key.split("/") if key else [])
             except UnsafeContentError:
@@ -1064,8 +1257,25 @@ def apply_layer(
     applier.file_sink = file_sink
     try:
         tar = _TarReader(data)
+        entries = 0
         while (entry := tar.next()) is not None:
-            applier.apply(entry, tar)
+            entries += 1
+            if opts.max_entries is not None and entries > opts.max_entries:
+                raise LimitExceededError(
+                    f"layer holds more than {opts.max_entries} entries (at {entry.name!r})",
+                    hint="an inode bomb, or a very large layer: raise the limit with --max-entries "
+                    "(ApplyOptions.max_entries) if you trust it",
+                )
+            try:
+                applier.apply(entry, tar)
+            except OSError as ex:
+                if ex.errno != errno.EMLINK:
+                    raise
+                raise UnsafeContentError(
+                    f"layer entry {entry.name!r}: too many links (the layer makes more hard links to one file, "
+                    "or more subdirectories in one directory, than the file system allows)",
+                    hint="the layer is malformed or hostile; no image builder writes such a layer",
+                ) from None
         tar.drain()
         applier.finish()
     finally:
