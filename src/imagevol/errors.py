@@ -85,6 +85,19 @@ class DigestMismatchError(ContentRefusedError):
     """Bytes do not hash to the digest that names them."""
 
 
+class SizeMismatchError(DigestMismatchError):
+    """A source serves a blob (or manifest) of another size than its descriptor states: the
+    descriptor's size is authoritative, so this is a verification failure, not a transport fault."""
+
+    def __init__(self, what: str, where: str, stated: int, served: int | str) -> None:
+        super().__init__(
+            f"{what} from {where}: size mismatch: the descriptor states {stated} bytes, the source serves {served}",
+            hint="the registry serves different content than the manifest describes; nothing was stored",
+        )
+        self.stated = stated
+        self.served = served
+
+
 class ManifestError(ContentRefusedError):
     """A manifest or index is malformed, ambiguous, oversized or of a refused type (schema1)."""
 

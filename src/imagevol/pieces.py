@@ -33,7 +33,7 @@ from typing import Any
 import urllib3
 
 from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, StoreError
+from .errors import DigestMismatchError, ImagevolError, SizeMismatchError, StoreError
 from .fsutil import DIRECT_ALIGN
 from .manifest import Descriptor
 from .store.ingest import Ingest
@@ -107,6 +107,13 @@ def recv_into(resp: Any, view: memoryview) -> int:
     data = resp.read(len(view))
     view[: len(data)] = data
     return len(data)
+
+
+def body_complete(resp: Any) -> bool:
+    """True when a response that gave no more bytes ended where its own length said (a clean end),
+    False when its connection was cut short of its Content-Length."""
+    fp = getattr(resp, "_fp", None)
+    return not getattr(fp, "length", None)
 
 
 def range_start(resp: Any) -> int | None:
@@ -332,6 +339,9 @@ class PieceFetch:
                     n = recv_into(conn.resp, view[got:])
                 except CUT as e:
                     n, err = 0, e
+                if n <= 0 and err is None and not self._stop() and conn.resp.status == 200 and body_complete(conn.resp):
+                    # Not a cut: the whole blob was served, and it is shorter than its descriptor states.
+                    raise SizeMismatchError(f"blob {desc.digest}", self.describe(), desc.size, conn.pos)
                 if n <= 0:  # cut: ask again from the last byte received
                     conn.close()
                     attempts += 1

@@ -24,7 +24,7 @@ from typing import Any
 import urllib3
 
 from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, NotFoundError, TransportError, UsageError
+from .errors import DigestMismatchError, ImagevolError, NotFoundError, SizeMismatchError, TransportError, UsageError
 from .fsutil import AlignedWriter
 from .manifest import Descriptor, Index, Manifest
 from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored
@@ -362,8 +362,8 @@ class _Fetcher:
         try:
             try:
                 self._fetch_once(desc)
-            except DigestMismatchError:
-                if not self._resumed.get(str(desc.digest)):
+            except DigestMismatchError as e:
+                if not self._resumed.get(str(desc.digest)) or isinstance(e, SizeMismatchError):
                     raise
                 # The resumed part map named bytes that did not survive (a power loss drops the page
                 # cache; a killed process does not): the ingest was discarded, fetch it afresh once.
@@ -411,7 +411,8 @@ class _Fetcher:
                 f"{attempts} times ({why})",
                 hint="the bytes received are kept: run the pull again to resume",
             )
-        time.sleep(min(5.0, 0.25 * (2 ** (attempts - 1))))
+        if self._cancel.wait(min(5.0, 0.25 * (2 ** (attempts - 1)))):
+            raise ImagevolError("pull cancelled")
 
     def _stream(self, desc: Descriptor, ing: Any, tap: LayerStream | None = None) -> Digest | None:
         """One stream from the resume point, hashed as it passes: the blob is read once. A cut
@@ -432,6 +433,7 @@ class _Fetcher:
                 if tap is not None:
                     writer = AlignedWriter(ing.write_aligned, offset)
                 err: BaseException | None = None
+                ended = False  # the body ended where its own length said it would
                 skip = 0
                 try:
                     if offset and getattr(getattr(f, "resp", None), "status", 206) == 200:
@@ -447,6 +449,7 @@ class _Fetcher:
                             err = e
                             break
                         if not chunk:
+                            ended = True
                             break
                         if skip:
                             if len(chunk) <= skip:
@@ -454,10 +457,8 @@ class _Fetcher:
                                 continue
                             chunk, skip = chunk[skip:], 0
                         if offset + len(chunk) > desc.size:
-                            raise DigestMismatchError(
-                                f"blob {desc.digest} from {self.source.describe()} is longer than its "
-                                f"{desc.size} bytes",
-                                hint="the source served wrong content; nothing was stored",
+                            raise SizeMismatchError(
+                                f"blob {desc.digest}", self.source.describe(), desc.size, f"more than {desc.size}"
                             )
                         if writer is not None and hasher is not None and tap is not None:
                             writer.write(chunk)
@@ -481,6 +482,9 @@ class _Fetcher:
                     w, writer = writer, None
                     w.close()  # every byte received is written before the part map says so
                 ing.mark_complete(start, offset, sync=False)
+                if ended and offset < desc.size and not self._cancel.is_set():
+                    # Not a cut (that raises): the body was whole, and the blob is shorter than stated.
+                    raise SizeMismatchError(f"blob {desc.digest}", self.source.describe(), desc.size, offset)
                 if offset < desc.size:
                     attempts += 1
                     self._retry_or_raise(desc, attempts, offset, err)

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from .. import mediatypes as mt
 from ..digest import Digest, digest_bytes
-from ..errors import DigestMismatchError, ManifestError, NotFoundError, UsageError
+from ..errors import DigestMismatchError, ManifestError, NotFoundError, SizeMismatchError, UsageError
 from ..manifest import MAX_MANIFEST_SIZE, Descriptor, Index, Manifest, parse_manifest
 from ..reference import LayoutReference
 
@@ -107,6 +107,8 @@ class LayoutSource:
 
     def manifest(self, desc: Descriptor) -> Manifest | Index:
         raw = self._read_small(self._blob_path(desc.digest), MAX_MANIFEST_SIZE, str(desc.digest))
+        if len(raw) != desc.size:
+            raise SizeMismatchError(f"manifest {desc.digest}", self.describe(), desc.size, len(raw))
         return parse_manifest(raw, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
 
     def blob_bytes(self, desc: Descriptor, max_size: int) -> bytes:
@@ -115,6 +117,8 @@ class LayoutSource:
         if desc.size > max_size:
             raise ManifestError(f"blob {desc.digest} is {desc.size} bytes, over the {max_size} byte limit")
         raw = self._read_small(self._blob_path(desc.digest), max_size, str(desc.digest))
+        if len(raw) != desc.size:
+            raise SizeMismatchError(f"blob {desc.digest}", self.describe(), desc.size, len(raw))
         if digest_bytes(raw, desc.digest.algorithm) != desc.digest:
             raise DigestMismatchError(f"blob {desc.digest} in OCI layout {self.ref.path!r} does not match its digest")
         return raw
@@ -124,6 +128,10 @@ class LayoutSource:
             f = open(self._blob_path(desc.digest), "rb")  # noqa: SIM115 - returned to the caller
         except FileNotFoundError:
             raise NotFoundError(f"blob {desc.digest} is missing from OCI layout {self.ref.path!r}") from None
+        size = os.fstat(f.fileno()).st_size
+        if size != desc.size:
+            f.close()
+            raise SizeMismatchError(f"blob {desc.digest}", self.describe(), desc.size, size)
         if offset:
             f.seek(offset)
         return f
