@@ -89,13 +89,13 @@ class SizeMismatchError(DigestMismatchError):
     """A source serves a blob (or manifest) of another size than its descriptor states: the
     descriptor's size is authoritative, so this is a verification failure, not a transport fault."""
 
-    def __init__(self, what: str, where: str, stated: int, served: int | str) -> None:
-        super().__init__(
+    @classmethod
+    def of(cls, what: str, where: str, stated: int, served: int | str) -> SizeMismatchError:
+        """`what` (``blob DIGEST``) from `where` is `served` bytes (or e.g. "more than N"), not `stated`."""
+        return cls(
             f"{what} from {where}: size mismatch: the descriptor states {stated} bytes, the source serves {served}",
             hint="the registry serves different content than the manifest describes; nothing was stored",
         )
-        self.stated = stated
-        self.served = served
 
 
 class ManifestError(ContentRefusedError):

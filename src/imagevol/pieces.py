@@ -341,7 +341,7 @@ class PieceFetch:
                     n, err = 0, e
                 if n <= 0 and err is None and not self._stop() and conn.resp.status == 200 and body_complete(conn.resp):
                     # Not a cut: the whole blob was served, and it is shorter than its descriptor states.
-                    raise SizeMismatchError(f"blob {desc.digest}", self.describe(), desc.size, conn.pos)
+                    raise SizeMismatchError.of(f"blob {desc.digest}", self.describe(), desc.size, conn.pos)
                 if n <= 0:  # cut: ask again from the last byte received
                     conn.close()
                     attempts += 1

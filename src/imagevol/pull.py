@@ -457,7 +457,7 @@ class _Fetcher:
                                 continue
                             chunk, skip = chunk[skip:], 0
                         if offset + len(chunk) > desc.size:
-                            raise SizeMismatchError(
+                            raise SizeMismatchError.of(
                                 f"blob {desc.digest}", self.source.describe(), desc.size, f"more than {desc.size}"
                             )
                         if writer is not None and hasher is not None and tap is not None:
@@ -484,7 +484,7 @@ class _Fetcher:
                 ing.mark_complete(start, offset, sync=False)
                 if ended and offset < desc.size and not self._cancel.is_set():
                     # Not a cut (that raises): the body was whole, and the blob is shorter than stated.
-                    raise SizeMismatchError(f"blob {desc.digest}", self.source.describe(), desc.size, offset)
+                    raise SizeMismatchError.of(f"blob {desc.digest}", self.source.describe(), desc.size, offset)
                 if offset < desc.size:
                     attempts += 1
                     self._retry_or_raise(desc, attempts, offset, err)

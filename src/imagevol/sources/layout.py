@@ -108,7 +108,7 @@ class LayoutSource:
     def manifest(self, desc: Descriptor) -> Manifest | Index:
         raw = self._read_small(self._blob_path(desc.digest), MAX_MANIFEST_SIZE, str(desc.digest))
         if len(raw) != desc.size:
-            raise SizeMismatchError(f"manifest {desc.digest}", self.describe(), desc.size, len(raw))
+            raise SizeMismatchError.of(f"manifest {desc.digest}", self.describe(), desc.size, len(raw))
         return parse_manifest(raw, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
 
     def blob_bytes(self, desc: Descriptor, max_size: int) -> bytes:
@@ -118,7 +118,7 @@ class LayoutSource:
             raise ManifestError(f"blob {desc.digest} is {desc.size} bytes, over the {max_size} byte limit")
         raw = self._read_small(self._blob_path(desc.digest), max_size, str(desc.digest))
         if len(raw) != desc.size:
-            raise SizeMismatchError(f"blob {desc.digest}", self.describe(), desc.size, len(raw))
+            raise SizeMismatchError.of(f"blob {desc.digest}", self.describe(), desc.size, len(raw))
         if digest_bytes(raw, desc.digest.algorithm) != desc.digest:
             raise DigestMismatchError(f"blob {desc.digest} in OCI layout {self.ref.path!r} does not match its digest")
         return raw
@@ -131,7 +131,7 @@ class LayoutSource:
         size = os.fstat(f.fileno()).st_size
         if size != desc.size:
             f.close()
-            raise SizeMismatchError(f"blob {desc.digest}", self.describe(), desc.size, size)
+            raise SizeMismatchError.of(f"blob {desc.digest}", self.describe(), desc.size, size)
         if offset:
             f.seek(offset)
         return f

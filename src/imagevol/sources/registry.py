@@ -580,13 +580,13 @@ class RegistryClient:
                 if served is not None and served != size:
                     with contextlib.suppress(Exception):
                         r.close()  # unread body: the connection is not reused
-                    raise SizeMismatchError(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
+                    raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
             body = r.read((max_size if size is None else min(size, max_size)) + 1)
         finally:
             r.release_conn()
         if size is not None and len(body) != size:
             served_text = f"{len(body)}" if len(body) < size else f"more than {size}"
-            raise SizeMismatchError(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served_text)
+            raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served_text)
         if len(body) > max_size:
             raise ManifestError(f"blob {digest} in {self.host}/{self.repo} is over the {max_size} byte limit")
         if digest_bytes(body, digest.algorithm) != digest:
@@ -613,7 +613,7 @@ class RegistryClient:
         if size is not None and served is not None and served != size:
             with contextlib.suppress(Exception):
                 r.close()  # unread body: the connection is not reused
-            raise SizeMismatchError(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
+            raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
         return r
 
 
@@ -721,7 +721,9 @@ class RegistrySource:
         def get(c: RegistryClient) -> Manifest | Index:
             body, _ctype, _ = c.get_manifest(str(desc.digest), expected=desc.digest)
             if len(body) != desc.size:
-                raise SizeMismatchError(f"manifest {desc.digest}", f"registry {c.host}/{c.repo}", desc.size, len(body))
+                raise SizeMismatchError.of(
+                    f"manifest {desc.digest}", f"registry {c.host}/{c.repo}", desc.size, len(body)
+                )
             # The descriptor's media type is authoritative for children; the header is advisory.
             return parse_manifest(body, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
 

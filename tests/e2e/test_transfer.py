@@ -1,0 +1,205 @@
+"""Trusting what a transfer says, and stopping one promptly (real registry, the fault-injecting proxy).
+
+- A blob, config or manifest whose bytes are shorter or longer than its descriptor states is a
+  verification failure reported at once (exit 4, "size mismatch"), on every path: small streamed
+  blobs, large blobs in pieces (one stream, and ranged streams), the layer streamed under
+  extraction (mount), and OCI layout sources. No retry is made (the proxy counts the requests).
+- SIGINT / SIGTERM during a pull or a mount of a slow, large blob stops within a few seconds (not
+  when the blob is done), exits 130 / 143 with one `error: interrupted` line, leaves the store
+  fsck-clean, and the next pull fetches only what was missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import oci
+from tests.support.clirun import Imagevol
+from tests.support.layout import LayoutWriter
+from tests.support.proxy import Proxy
+from tests.support.registry import Registry
+from tests.support.tars import E, gz, tar_layer
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+TITLE = "org.opencontainers.image.title"
+ARTIFACT_TYPE = "application/vnd.example.model.v1"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+
+
+@pytest.fixture(scope="module")
+def module_proxy(registry: Registry) -> Iterator[Proxy]:
+    with Proxy(registry.url) as p:
+        yield p
+
+
+@pytest.fixture
+def px(module_proxy: Proxy) -> Iterator[Proxy]:
+    module_proxy.reset()
+    yield module_proxy
+    module_proxy.reset()
+
+
+@pytest.fixture
+def iv(tmp_path: Path) -> Iterator[Imagevol]:
+    c = Imagevol(tmp_path / "store", tmp_path / "home", watch=[tmp_path])
+    yield c
+    c.cleanup()
+
+
+def _refused(r, *codes: int) -> None:
+    assert r.returncode in codes, f"exit {r.returncode}, wanted {codes}:\n{r.stdout}\n{r.stderr}"
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def _no_retry(px: Proxy, digest: str, streams: int) -> None:
+    """Each range of the blob was asked for once at most (a retry asks again), by at most one
+    request per stream."""
+    reqs = [q for q in px.requests_for(digest) if q.method == "GET"]
+    assert 1 <= len(reqs) <= streams, reqs
+    ranges = [q.range for q in reqs]
+    assert len(set(ranges)) == len(ranges), f"a range was asked for twice (a retry): {reqs}"
+
+
+# --------------------------------------------------------------------------- item 12: sizes
+
+
+def _push_lying(registry: Registry, repo: str, *, layer: bytes, layer_size: int, config: bytes, config_size: int):
+    """An artifact whose layer and config descriptors state the given sizes (the registry accepts
+    a manifest naming blobs it has, whatever sizes it states)."""
+    c = oci.Client(registry)
+    c.push_blob(repo, layer)
+    c.push_blob(repo, config)
+    cfg = {"mediaType": "application/vnd.example.config.v1+json", "digest": oci.sha256_digest(config)}
+    cfg["size"] = config_size
+    lay = {"mediaType": oci.OCI_LAYER, "digest": oci.sha256_digest(layer), "size": layer_size}
+    lay["annotations"] = {TITLE: "model.bin"}
+    body, digest = oci.make_image_manifest(cfg, [lay], artifact_type=ARTIFACT_TYPE)
+    c.push_manifest(repo, "v1", body, oci.OCI_MANIFEST)
+    return digest
+
+
+# (what lies, real size of the layer, stated minus real): small blobs stream in one response, blobs
+# of 4 MiB and more are fetched in pieces; --streams 4 --part-size 1 makes ranged requests.
+SIZE_CASES = [
+    ("layer", 1000, +500),
+    ("layer", 1000, -1),
+    ("layer", 6 * MiB, +MiB),
+    ("layer", 6 * MiB, -MiB // 2),
+    ("config", 1000, +10),
+    ("config", 1000, -10),
+]
+
+
+@pytest.mark.parametrize("ranged", [False, True], ids=["one-stream", "ranged"])
+@pytest.mark.parametrize(("what", "real", "delta"), SIZE_CASES, ids=lambda v: str(v))
+def test_size_mismatch_is_refused_at_once(
+    registry: Registry, px: Proxy, iv: Imagevol, what: str, real: int, delta: int, ranged: bool
+) -> None:
+    layer = os.urandom(real if what == "layer" else 3000)
+    config = json.dumps({"pad": "x" * ((real if what == "config" else 100) - 10)}).encode()
+    lying = layer if what == "layer" else config
+    repo = f"transfer/size-{what}-{real}-{'plus' if delta > 0 else 'minus'}-{'r' if ranged else 's'}"
+    _push_lying(
+        registry,
+        repo,
+        layer=layer,
+        layer_size=len(layer) + (delta if what == "layer" else 0),
+        config=config,
+        config_size=len(config) + (delta if what == "config" else 0),
+    )
+    args = ("--streams", "4", "--part-size", "1") if ranged else ()
+    r = iv.pull(f"{px.host}/{repo}:v1", *args)
+    _refused(r, 4)
+    assert "size mismatch" in r.stderr, r.stderr
+    assert f"states {len(lying) + delta} bytes" in r.stderr, r.stderr
+    assert "serves different content than the manifest describes" in r.stderr, r.stderr
+    _no_retry(px, oci.sha256_digest(lying), 4 if ranged else 1)
+    assert not iv.blob(oci.sha256_digest(lying)).exists()
+    assert iv.images() == []
+    iv.fsck()
+
+
+def test_size_mismatch_of_an_index_child_manifest(registry: Registry, px: Proxy, iv: Imagevol) -> None:
+    """An index entry stating another size than its manifest's bytes: refused, not used."""
+    c = oci.Client(registry)
+    repo = "transfer/size-index"
+    c.push_blob(repo, oci.OCI_EMPTY_DATA)
+    data = os.urandom(100)
+    c.push_blob(repo, data)
+    lay = oci.descriptor(oci.OCI_LAYER, data, annotations={TITLE: "a.bin"})
+    body, digest = oci.make_artifact_manifest(ARTIFACT_TYPE, [lay])
+    c.push_manifest(repo, digest, body, oci.OCI_MANIFEST)
+    entry = {"mediaType": oci.OCI_MANIFEST, "digest": digest, "size": len(body) + 7}
+    idx, _ = oci.make_index([entry])
+    c.push_manifest(repo, "v1", idx, oci.OCI_INDEX)
+    r = iv.pull(f"{px.host}/{repo}:v1", "--platform-policy", "any")
+    _refused(r, 4)
+    assert "size mismatch" in r.stderr and f"manifest {digest}" in r.stderr, r.stderr
+    assert len([q for q in px.requests_for(f"manifests/{digest}") if q.method == "GET"]) == 1
+    iv.fsck()
+
+
+def _image_with_lying_layer(registry: Registry, repo: str, delta: int) -> tuple[str, str]:
+    raw = tar_layer([E("w.bin", os.urandom(6 * MiB)), E("a.txt", b"a")])
+    blob = gz(raw)
+    c = oci.Client(registry)
+    c.push_blob(repo, blob)
+    cfg = oci.canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(raw)]},
+        }
+    )
+    c.push_blob(repo, cfg)
+    lay = {"mediaType": oci.OCI_LAYER_GZIP, "digest": oci.sha256_digest(blob), "size": len(blob) + delta}
+    body, digest = oci.make_image_manifest(oci.descriptor(OCI_CONFIG, cfg), [lay])
+    c.push_manifest(repo, "v1", body, oci.OCI_MANIFEST)
+    return digest, oci.sha256_digest(blob)
+
+
+@pytest.mark.parametrize("delta", [MiB, -1000], ids=["shorter", "longer"])
+def test_size_mismatch_of_the_layer_streamed_under_extraction(
+    registry: Registry, px: Proxy, iv: Imagevol, tmp_path: Path, delta: int
+) -> None:
+    repo = f"transfer/size-mount-{'short' if delta > 0 else 'long'}"
+    _, blob = _image_with_lying_layer(registry, repo, delta)
+    target = tmp_path / "vol"
+    r = iv.mount(f"{px.host}/{repo}:v1", target)
+    _refused(r, 4)
+    assert "size mismatch" in r.stderr, r.stderr
+    _no_retry(px, blob, 1)
+    assert iv.volumes() == [] and iv.snapshot_dirs() == []
+    assert not iv.blob(blob).exists()
+    iv.fsck()
+
+
+@pytest.mark.parametrize("what", ["layer-short", "layer-long", "config-short", "manifest-short"])
+def test_size_mismatch_in_an_oci_layout(iv: Imagevol, tmp_path: Path, what: str) -> None:
+    lw = LayoutWriter(tmp_path / "layout")
+    cfg = lw.blob(b'{"architecture":"amd64","os":"linux"}', "application/vnd.example.config.v1+json")
+    lay = lw.blob(os.urandom(5000), oci.OCI_LAYER, annotations={TITLE: "a.bin"})
+    if what.startswith("layer"):
+        lay["size"] += 100 if what == "layer-short" else -100
+    if what == "config-short":
+        cfg["size"] += 3
+    man = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "artifactType": ARTIFACT_TYPE, "config": cfg}
+    man["layers"] = [lay]
+    desc = lw.blob(oci.canonical_json(man), oci.OCI_MANIFEST)
+    if what == "manifest-short":
+        desc["size"] += 1
+    lw.tag(desc, "v1")
+    r = iv.pull(f"oci:{tmp_path / 'layout'}:v1", "--retries", "0")
+    _refused(r, 4)
+    assert "size mismatch" in r.stderr, r.stderr
+    iv.fsck()
