@@ -364,10 +364,11 @@ class PieceFetch:
             conn.resp = None
 
     def _write(self) -> None:
-        """Write the pieces kept for the hashing, in the order they arrived, and record them."""
+        """Write the pieces kept for the hashing, in the order they arrived, and record them (also
+        when the pull is cancelled: they were received whole, and the next pull need not ask again)."""
         while (p := self._writes.get()) is not None:
             try:
-                if not self._failed:
+                if not self._failed or self.cancel.is_set():
                     with p.view() as view:
                         self.ing.write_aligned(p.start, view)
                     self.ing.mark_complete(p.start, p.end, sync=False)
@@ -380,6 +381,8 @@ class PieceFetch:
         """Bytes already in the file (written ahead, or left by a killed pull) are read back."""
         with memoryview(buf) as view:
             while start < end:
+                if self.cancel.is_set():  # a resumed blob's done part may be gigabytes: stop between pieces
+                    raise ImagevolError("pull cancelled")
                 off = start % DIRECT_ALIGN  # placed as the file is, so the read can be direct
                 want = view[off : off + min(PIECE, end - start)]
                 n = self.ing.read_aligned(start, want)

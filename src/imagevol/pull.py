@@ -13,9 +13,11 @@ import contextlib
 import functools
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -292,10 +294,28 @@ class _Fetcher:
         #: Why a blob's fetch failed (or never started), by digest.
         self.errors: dict[str, BaseException] = {}
         self._buffers = Buffers()
+        #: Responses being read, so that :meth:`cancel` can wake a read blocked on its socket.
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._streams_mu = threading.Lock()
 
     def cancel(self) -> None:
-        """Stop the pull: streams in flight stop at their next piece; what was received is kept."""
+        """Stop the pull at once: the event every receiving, hashing and writing loop checks between
+        reads is set, and the sockets of the responses in flight are shut down, so that a read
+        blocked on one (a slow or stalled registry) returns now instead of at its next byte or its
+        timeout. What was received is recorded in the ingests' part maps for the next pull."""
         self._cancel.set()
+        with self._streams_mu:
+            streams = list(self._streams)
+        for stream in streams:
+            _shut_down(stream)
+
+    def _opened(self, stream: Any) -> Any:
+        """Track a response being read (see :meth:`cancel`); one opened after a cancel is shut at once."""
+        with self._streams_mu:
+            self._streams.add(stream)
+        if self._cancel.is_set():
+            _shut_down(stream)
+        return stream
 
     def done_event(self, digest: Digest) -> threading.Event:
         """Set once the blob's fetch has ended, well or not (the store says which)."""
@@ -326,15 +346,20 @@ class _Fetcher:
                 return
             # Small blobs first so configs and metadata land early; big ones get the parallel parts.
             todo.sort(key=lambda d: d.size)
-            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob") as pool:
+            pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob")
+            try:
                 futures = [pool.submit(self.fetch, d) for d in todo]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 for f in done:
                     if f.exception() is not None:
-                        self._cancel.set()
-                        for g in futures:
-                            g.cancel()
                         raise f.exception()  # type: ignore[misc]
+            except BaseException:
+                # An error, or an interrupt (Ctrl-C, SIGTERM) while waiting: the fetches in flight
+                # stop now, before the pool is waited for, not when their blobs are done.
+                self.cancel()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         except BaseException as e:
             for d in descs:  # whoever waits for a blob that will not come hears why
                 self._ended(d, e)
@@ -429,7 +454,7 @@ class _Fetcher:
         try:
             while offset < desc.size:
                 start = offset
-                f = self.source.open_blob(desc, offset)
+                f = self._opened(self.source.open_blob(desc, offset))
                 if tap is not None:
                     writer = AlignedWriter(ing.write_aligned, offset)
                 err: BaseException | None = None
@@ -508,7 +533,7 @@ class _Fetcher:
         job = PieceFetch(
             desc,
             ing,
-            open_range=lambda start, end: source.open_range(desc, start, end),
+            open_range=lambda start, end: self._opened(source.open_range(desc, start, end)),
             describe=source.describe,
             buffers=self._buffers,
             streams=self.parts_per_blob if desc.size > self.part_size else 1,
@@ -521,6 +546,16 @@ class _Fetcher:
             return job.run()
         except RangeIgnored:
             return self._stream(desc, ing)
+
+
+def _shut_down(stream: Any) -> None:
+    """Shut down the socket under a urllib3 response (or a reader of one): a read blocked on it
+    returns at once (end of data), in whatever thread it waits. Anything else is left alone."""
+    resp = getattr(stream, "resp", stream)
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: works under TLS too
 
 
 def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Manifest | Index) -> None:
