@@ -115,6 +115,10 @@ class StoreError(ImagevolError):
     """The content store is unusable or inconsistent."""
 
 
+class IngestBusyError(StoreError):
+    """Another process holds the ingest of a blob (``Store.ingest(blocking=False)``)."""
+
+
 class BusyError(ImagevolError):
     """A volume cannot be removed while processes use it (the unmount was refused with EBUSY)."""
 

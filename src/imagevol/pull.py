@@ -26,7 +26,15 @@ from typing import Any
 import urllib3
 
 from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, NotFoundError, SizeMismatchError, TransportError, UsageError
+from .errors import (
+    DigestMismatchError,
+    ImagevolError,
+    IngestBusyError,
+    NotFoundError,
+    SizeMismatchError,
+    TransportError,
+    UsageError,
+)
 from .fsutil import AlignedWriter
 from .manifest import Descriptor, Index, Manifest
 from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored
@@ -35,7 +43,7 @@ from .reference import LayoutReference, Reference, parse_any
 from .select import Selection, select_manifest
 from .sources.base import Source
 from .sources.factory import open_source
-from .sources.registry import RegistryOptions, RegistrySource
+from .sources.registry import RegistryOptions, RegistrySource, interruptible_by
 from .sources.storesrc import StoreSource
 from .store import Store
 
@@ -309,6 +317,10 @@ class _Fetcher:
         for stream in streams:
             _shut_down(stream)
 
+    def _open_range(self, source: RegistrySource, desc: Descriptor, start: int, end: int | None) -> Any:
+        interruptible_by(self._cancel)  # called in the receiving threads of a blob in pieces
+        return self._opened(source.open_range(desc, start, end))
+
     def _opened(self, stream: Any) -> Any:
         """Track a response being read (see :meth:`cancel`); one opened after a cancel is shut at once."""
         with self._streams_mu:
@@ -400,8 +412,19 @@ class _Fetcher:
         self._ended(desc, None)
         self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size))
 
+    def _ingest(self, desc: Descriptor) -> Any:
+        """The blob's ingest, once no other process holds it; waiting for one ends when the pull is
+        cancelled (a blocking lock could not be interrupted in this thread)."""
+        while True:
+            try:
+                return self.store.ingest(desc.digest, desc.size, blocking=False)
+            except IngestBusyError:
+                if self._cancel.wait(0.1):
+                    raise ImagevolError("pull cancelled") from None
+
     def _fetch_once(self, desc: Descriptor) -> None:
-        with self.store.ingest(desc.digest, desc.size) as ing:
+        interruptible_by(self._cancel)  # the registry's retry waits in this thread end on a cancel
+        with self._ingest(desc) as ing:
             if ing.already_present:  # another process fetched it while we waited for its lock
                 with self._mu:
                     self.reused += desc.size
@@ -533,7 +556,7 @@ class _Fetcher:
         job = PieceFetch(
             desc,
             ing,
-            open_range=lambda start, end: self._opened(source.open_range(desc, start, end)),
+            open_range=lambda start, end: self._open_range(source, desc, start, end),
             describe=source.describe,
             buffers=self._buffers,
             streams=self.parts_per_blob if desc.size > self.part_size else 1,

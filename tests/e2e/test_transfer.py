@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import pytest
 from tests.support import oci
 from tests.support.clirun import Imagevol
 from tests.support.layout import LayoutWriter
-from tests.support.proxy import Proxy
+from tests.support.proxy import Fault, Proxy
 from tests.support.registry import Registry
 from tests.support.tars import E, gz, tar_layer
 
@@ -258,6 +261,21 @@ def _recorded(root: Path, digest: str) -> int:
         return 0
 
 
+def _signal_stops(p, sig: int, log: Path, what: str) -> None:
+    """Send `sig` to the process; it must exit 128+sig within STOP_WITHIN with one error line."""
+    os.kill(p.pid, sig)
+    t0 = time.monotonic()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=60)
+    took = time.monotonic() - t0
+    out = log.read_text()
+    print(f"{what} stopped {took:.2f} s after {signal.Signals(sig).name}")
+    assert p.returncode == 128 + sig, f"exit {p.returncode}, wanted {128 + sig}:\n{out}"
+    assert took < STOP_WITHIN, f"took {took:.1f} s to stop after {signal.Signals(sig).name}:\n{out}"
+    assert f"error: interrupted by {signal.Signals(sig).name}" in out and "Traceback" not in out, out
+    assert out.count("error:") == 1, out
+
+
 def _interrupt(iv: Imagevol, px: Proxy, tmp_path: Path, sig: int, digest: str, *args: str) -> tuple[int, int]:
     """Start `imagevol ARGS` with the blob paced at the proxy, signal it once its ingest has recorded
     bytes, and check how it stops; returns (bytes the proxy sent for the blob, bytes recorded)."""
@@ -271,23 +289,11 @@ def _interrupt(iv: Imagevol, px: Proxy, tmp_path: Path, sig: int, digest: str, *
             assert time.monotonic() < deadline, "no progress was recorded"
             time.sleep(0.05)
         time.sleep(0.5)  # well inside the blob: bytes are arriving
-        os.kill(p.pid, sig)
-        t0 = time.monotonic()
-        try:
-            p.wait(timeout=60)
-        except Exception:
-            pass
-        took = time.monotonic() - t0
+        _signal_stops(p, sig, log, args[0])
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
-    out = log.read_text()
-    print(f"{args[0]} stopped {took:.2f} s after {signal.Signals(sig).name}")
-    assert p.returncode == 128 + sig, f"exit {p.returncode}, wanted {128 + sig}:\n{out}"
-    assert took < STOP_WITHIN, f"took {took:.1f} s to stop after {signal.Signals(sig).name}:\n{out}"
-    assert f"error: interrupted by {signal.Signals(sig).name}" in out and "Traceback" not in out, out
-    assert out.count("error:") == 1, out
     px.rate_limit = None
     # Let the proxy notice the client went away, then take its count.
     last, stable_since = -1, time.monotonic()
@@ -339,4 +345,58 @@ def test_signal_stops_a_mount_while_it_extracts(
     assert doc["pull"]["digest"]
     assert px.bytes_for(digest) == size - recorded, (px.bytes_for(digest), size, recorded)
     assert (tmp_path / "vol2" / "a.txt").read_bytes() == b"a"
+    iv.fsck()
+
+
+def test_signal_while_another_process_holds_the_blob(
+    slow_artifact: tuple[str, str, int], px: Proxy, iv: Imagevol, tmp_path: Path
+) -> None:
+    """Another process downloads the blob (holds its ingest lock): the pull waiting for it stops too."""
+    repo, digest, _ = slow_artifact
+    lock_dir = iv.root / "ingest" / hashlib.sha256(digest.encode()).hexdigest()
+    lock_dir.mkdir(parents=True)
+    fd = os.open(lock_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        log = tmp_path / "waiting.log"
+        p = iv.popen("pull", f"{px.host}/{repo}:v1", "--progress", "none", log=log)
+        try:
+            deadline = time.monotonic() + 60
+            config = oci.sha256_digest(oci.OCI_EMPTY_DATA)
+            while not iv.blob(config).exists():  # fetched first (smaller): the pull now waits for the lock
+                assert p.poll() is None, log.read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(0.5)
+            _signal_stops(p, signal.SIGINT, log, "pull")
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+    finally:
+        os.close(fd)
+    assert px.bytes_for(digest) == 0
+    iv.fsck()
+
+
+def test_signal_during_a_retry_wait(
+    slow_artifact: tuple[str, str, int], px: Proxy, iv: Imagevol, tmp_path: Path
+) -> None:
+    """The registry answers 503 with Retry-After: 30; the pull waiting to retry stops at once."""
+    repo, digest, _ = slow_artifact
+    px.fault = Fault(match=digest, status=503, retry_after=30)
+    log = tmp_path / "retry.log"
+    p = iv.popen("pull", f"{px.host}/{repo}:v1", "--progress", "none", log=log)
+    try:
+        deadline = time.monotonic() + 60
+        while px.fault_hits == 0:
+            assert p.poll() is None, log.read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        _signal_stops(p, signal.SIGTERM, log, "pull")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
     iv.fsck()

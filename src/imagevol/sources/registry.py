@@ -40,6 +40,7 @@ from ..digest import Digest, digest_bytes
 from ..errors import (
     AuthError,
     DigestMismatchError,
+    ImagevolError,
     ManifestError,
     NotFoundError,
     RegistryError,
@@ -362,6 +363,15 @@ class Transport:
         return value
 
 
+_waits = threading.local()
+
+
+def interruptible_by(cancel: threading.Event | None) -> None:
+    """Retry waits of the registry requests this thread makes end as soon as `cancel` is set
+    (ImagevolError "pull cancelled"): a cancelled pull does not sit out a 429's Retry-After."""
+    _waits.cancel = cancel
+
+
 class RegistryEndpoint(NamedTuple):
     """One place a :class:`RegistrySource` pulls from: a host and the repository there.
 
@@ -464,7 +474,12 @@ class RegistryClient:
         o = self.t.options
         delay = retry_after if retry_after is not None else min(o.max_backoff, o.backoff * (2**attempt))
         delay = min(delay, 60.0)
-        time.sleep(delay + (random.random() * 0.1 if retry_after is None else 0))
+        delay += random.random() * 0.1 if retry_after is None else 0
+        cancel = getattr(_waits, "cancel", None)
+        if cancel is None:
+            time.sleep(delay)
+        elif cancel.wait(delay):
+            raise ImagevolError("pull cancelled")
 
     def _follow(
         self, method: str, url: str, headers: dict[str, str], stream: bool, body: Any = None
