@@ -400,3 +400,32 @@ def test_signal_during_a_retry_wait(
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(timeout=30)
     iv.fsck()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_a_push_promptly(px: Proxy, iv: Imagevol, tmp_path: Path, sig: int) -> None:
+    """`imagevol pack` pushing two files to a registry whose uploads are paced: the uploads in
+    flight stop at their next piece, not when their blobs are sent."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("a.bin", "b.bin"):
+        with open(model / name, "wb") as f:
+            for _ in range(SLOW_MIB // 2):
+                f.write(os.urandom(MiB))
+    px.upload_rate_limit = SLOW_RATE
+    log = tmp_path / "push.log"
+    repo = f"transfer/push-{int(sig)}"
+    ref = f"{px.host}/{repo}:v1"
+    p = iv.popen("pack", str(model), ref, "--format", "artifact", "--progress", "none", "--no-explain", log=log)
+    try:
+        deadline = time.monotonic() + 120
+        while px.uploaded_for(repo) < 4 * MiB:
+            assert p.poll() is None, f"ended early ({p.returncode}): {log.read_text()}"
+            assert time.monotonic() < deadline, "no upload started"
+            time.sleep(0.05)
+        _signal_stops(p, sig, log, "pack")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+    assert px.uploaded_for(repo) < SLOW_MIB * MiB
