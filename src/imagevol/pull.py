@@ -305,6 +305,9 @@ class _Fetcher:
         #: Responses being read, so that :meth:`cancel` can wake a read blocked on its socket.
         self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
         self._streams_mu = threading.Lock()
+        #: Why the fetcher cancelled itself (the first failure, or an interrupt): what the blobs
+        #: this cancelled report to whoever waits for them, instead of "pull cancelled".
+        self._cause: BaseException | None = None
 
     def cancel(self) -> None:
         """Stop the pull at once: the event every receiving, hashing and writing loop checks between
@@ -365,9 +368,11 @@ class _Fetcher:
                 for f in done:
                     if f.exception() is not None:
                         raise f.exception()  # type: ignore[misc]
-            except BaseException:
+            except BaseException as e:
                 # An error, or an interrupt (Ctrl-C, SIGTERM) while waiting: the fetches in flight
                 # stop now, before the pool is waited for, not when their blobs are done.
+                if self._cause is None:
+                    self._cause = e
                 self.cancel()
                 raise
             finally:
@@ -380,6 +385,8 @@ class _Fetcher:
             self._buffers.clear()
 
     def _ended(self, desc: Descriptor, error: BaseException | None) -> None:
+        if error is not None and self._cause is not None and _cancelled(error):
+            error = self._cause  # cancelled because another blob failed: that is the reason
         if error is not None:
             self.errors.setdefault(str(desc.digest), error)
         tap = self.taps.get(str(desc.digest))
@@ -569,6 +576,11 @@ class _Fetcher:
             return job.run()
         except RangeIgnored:
             return self._stream(desc, ing)
+
+
+def _cancelled(e: BaseException) -> bool:
+    """True for the error a cancelled fetch raises."""
+    return type(e) is ImagevolError and str(e) == "pull cancelled"
 
 
 def _shut_down(stream: Any) -> None:
