@@ -29,6 +29,7 @@ from tests.support.clirun import Imagevol
 from tests.support.layout import LayoutWriter
 from tests.support.proxy import Fault, Proxy
 from tests.support.registry import Registry
+from tests.support.rogue import RogueRegistry
 from tests.support.tars import E, gz, tar_layer
 
 pytestmark = pytest.mark.e2e
@@ -149,6 +150,25 @@ def test_size_mismatch_of_an_index_child_manifest(registry: Registry, px: Proxy,
     _refused(r, 4)
     assert "size mismatch" in r.stderr and f"manifest {digest}" in r.stderr, r.stderr
     assert len([q for q in px.requests_for(f"manifests/{digest}") if q.method == "GET"]) == 1
+    iv.fsck()
+
+
+@pytest.mark.parametrize("real", [1000, 6 * MiB], ids=["streamed", "pieces"])
+def test_size_mismatch_of_a_body_without_length(iv: Imagevol, real: int) -> None:
+    """A blob served without Content-Length (the body ends where the connection closes) that ends
+    cleanly short of its descriptor's size: a size mismatch at once, not a cut retried."""
+    with RogueRegistry() as rogue:
+        data = os.urandom(real)
+        digest = oci.sha256_digest(data)
+        rogue.blob("evil/short", digest, data, close_delimited=True)
+        rogue.blob("evil/short", oci.sha256_digest(oci.OCI_EMPTY_DATA), oci.OCI_EMPTY_DATA)
+        lay = {"mediaType": oci.OCI_LAYER, "digest": digest, "size": real + 4096, "annotations": {TITLE: "w.bin"}}
+        body, _ = oci.make_artifact_manifest(ARTIFACT_TYPE, [lay])
+        rogue.manifest("evil/short", "v1", body, oci.OCI_MANIFEST)
+        r = iv.pull(f"{rogue.host}/evil/short:v1")
+        _refused(r, 4)
+        assert "size mismatch" in r.stderr and f"serves {real}" in r.stderr, r.stderr
+        assert rogue.requests.count(("GET", f"/v2/evil/short/blobs/{digest}")) == 1, rogue.requests
     iv.fsck()
 
 
