@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -18,10 +19,44 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(message: str, hint: str | None, code: int) -> None:
+    if _signalled and code != 128 + _signalled[0]:  # what cancelling raised ("pull cancelled", a cut read)
+        _interrupted(_signalled[0])
     click.echo(f"error: {message}", err=True)
     if hint:
         click.echo(f"hint: {hint}", err=True)
     sys.exit(code)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (raised in the main thread by :func:`stop_on_signals`' handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_signalled: list[int] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _signalled:  # a second signal while the first one's cleanup runs: stop now
+        os._exit(128 + _signalled[0])
+    _signalled.append(signum)
+    raise Interrupted(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, wherever it waits: the
+    library cancels the transfers in flight (their sockets are shut down, their threads joined,
+    what was received recorded for the next run), releases its leases and locks as on any error,
+    and the command exits 130 (SIGINT) or 143 (SIGTERM) with one `error: interrupted` line."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _interrupted(signum: int) -> None:
+    name = signal.Signals(signum).name
+    _fail(f"interrupted by {name}", "run the command again: it resumes where this one stopped", 128 + signum)
 
 
 def handle_errors(fn: F) -> F:
@@ -33,8 +68,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ImagevolError as e:
             _fail(e.message, e.hint, e.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", "run the command again: completed downloads are kept", 130)
+        except KeyboardInterrupt as e:
+            _interrupted(getattr(e, "signum", signal.SIGINT))
         except OSError as e:
             _fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e), None, EXIT_ERROR)
         except Exception as e:
@@ -151,6 +186,7 @@ def main(ctx: click.Context, root: str | None) -> None:
     ctx.obj["root"] = root or default_root()
     if ctx.invoked_subcommand in ("pull", "mount", "pack"):
         keep_freed_memory()
+        stop_on_signals()
 
 
 def default_root() -> str:

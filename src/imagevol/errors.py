@@ -85,6 +85,19 @@ class DigestMismatchError(ContentRefusedError):
     """Bytes do not hash to the digest that names them."""
 
 
+class SizeMismatchError(DigestMismatchError):
+    """A source serves a blob (or manifest) of another size than its descriptor states: the
+    descriptor's size is authoritative, so this is a verification failure, not a transport fault."""
+
+    @classmethod
+    def of(cls, what: str, where: str, stated: int, served: int | str) -> SizeMismatchError:
+        """`what` (``blob DIGEST``) from `where` is `served` bytes (or e.g. "more than N"), not `stated`."""
+        return cls(
+            f"{what} from {where}: size mismatch: the descriptor states {stated} bytes, the source serves {served}",
+            hint="the source serves different content than the manifest describes; nothing was stored",
+        )
+
+
 class ManifestError(ContentRefusedError):
     """A manifest or index is malformed, ambiguous, oversized or of a refused type (schema1)."""
 
@@ -100,6 +113,10 @@ class LimitExceededError(ContentRefusedError):
 
 class StoreError(ImagevolError):
     """The content store is unusable or inconsistent."""
+
+
+class IngestBusyError(StoreError):
+    """Another process holds the ingest of a blob (``Store.ingest(blocking=False)``)."""
 
 
 class BusyError(ImagevolError):

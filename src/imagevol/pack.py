@@ -61,8 +61,9 @@ from .errors import UsageError
 from .manifest import Descriptor
 from .platform import Platform, parse_platform, parse_platform_list
 from .pull import ProgressEvent, ProgressFn
-from .sinks import Blob, FileRange, Sink, hash_blob, open_sink
+from .sinks import Blob, FileRange, Sink, hash_blob, open_sink, stop_with
 from .sinks.digestcache import DigestCache, composite_key, file_identity
+from .sources.registry import interruptible_by
 from .tarwriter import COMPRESSIONS, LayerWriter, TarParts, source_date_epoch
 
 __all__ = [
@@ -424,14 +425,32 @@ def _run_parallel(fns: list[Callable[[], Any]], concurrency: int) -> list[Any]:
     """Run ``fns`` on up to ``concurrency`` threads; results in order; the first error cancels the rest."""
     if len(fns) <= 1 or concurrency <= 1:
         return [fn() for fn in fns]
+    cancel = threading.Event()
+
+    def run(fn: Callable[[], Any]) -> Any:
+        # Reads of blobs (hashing, uploads) and registry retry waits in this thread end on `cancel`.
+        stop_with(cancel)
+        interruptible_by(cancel)
+        try:
+            return fn()
+        finally:
+            stop_with(None)
+            interruptible_by(None)
+
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="imagevol-pack") as ex:
-        futures: list[Future[Any]] = [ex.submit(fn) for fn in fns]
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            if f.exception() is not None:
-                for p in pending:
-                    p.cancel()
-                raise f.exception()  # type: ignore[misc]
+        futures: list[Future[Any]] = [ex.submit(run, fn) for fn in fns]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+        except BaseException:
+            # An error, or an interrupt (Ctrl-C, SIGTERM) while waiting: the work in flight stops at
+            # its next piece instead of running to its end before the pool is left.
+            cancel.set()
+            for p in futures:
+                p.cancel()
+            raise
         return [f.result() for f in futures]
 
 

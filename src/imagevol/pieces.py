@@ -33,7 +33,7 @@ from typing import Any
 import urllib3
 
 from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, StoreError
+from .errors import DigestMismatchError, ImagevolError, SizeMismatchError, StoreError
 from .fsutil import DIRECT_ALIGN
 from .manifest import Descriptor
 from .store.ingest import Ingest
@@ -107,6 +107,13 @@ def recv_into(resp: Any, view: memoryview) -> int:
     data = resp.read(len(view))
     view[: len(data)] = data
     return len(data)
+
+
+def body_complete(resp: Any) -> bool:
+    """True when a response that gave no more bytes ended where its own length said (a clean end),
+    False when its connection was cut short of its Content-Length."""
+    fp = getattr(resp, "_fp", None)
+    return not getattr(fp, "length", None)
 
 
 def range_start(resp: Any) -> int | None:
@@ -332,6 +339,9 @@ class PieceFetch:
                     n = recv_into(conn.resp, view[got:])
                 except CUT as e:
                     n, err = 0, e
+                if n <= 0 and err is None and not self._stop() and conn.resp.status == 200 and body_complete(conn.resp):
+                    # Not a cut: the whole blob was served, and it is shorter than its descriptor states.
+                    raise SizeMismatchError.of(f"blob {desc.digest}", self.describe(), desc.size, conn.pos)
                 if n <= 0:  # cut: ask again from the last byte received
                     conn.close()
                     attempts += 1
@@ -354,10 +364,11 @@ class PieceFetch:
             conn.resp = None
 
     def _write(self) -> None:
-        """Write the pieces kept for the hashing, in the order they arrived, and record them."""
+        """Write the pieces kept for the hashing, in the order they arrived, and record them (also
+        when the pull is cancelled: they were received whole, and the next pull need not ask again)."""
         while (p := self._writes.get()) is not None:
             try:
-                if not self._failed:
+                if not self._failed or self.cancel.is_set():
                     with p.view() as view:
                         self.ing.write_aligned(p.start, view)
                     self.ing.mark_complete(p.start, p.end, sync=False)
@@ -370,6 +381,8 @@ class PieceFetch:
         """Bytes already in the file (written ahead, or left by a killed pull) are read back."""
         with memoryview(buf) as view:
             while start < end:
+                if self.cancel.is_set():  # a resumed blob's done part may be gigabytes: stop between pieces
+                    raise ImagevolError("pull cancelled")
                 off = start % DIRECT_ALIGN  # placed as the file is, so the read can be direct
                 want = view[off : off + min(PIECE, end - start)]
                 n = self.ing.read_aligned(start, want)

@@ -13,9 +13,11 @@ import contextlib
 import functools
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -24,7 +26,15 @@ from typing import Any
 import urllib3
 
 from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, NotFoundError, TransportError, UsageError
+from .errors import (
+    DigestMismatchError,
+    ImagevolError,
+    IngestBusyError,
+    NotFoundError,
+    SizeMismatchError,
+    TransportError,
+    UsageError,
+)
 from .fsutil import AlignedWriter
 from .manifest import Descriptor, Index, Manifest
 from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored
@@ -33,7 +43,7 @@ from .reference import LayoutReference, Reference, parse_any
 from .select import Selection, select_manifest
 from .sources.base import Source
 from .sources.factory import open_source
-from .sources.registry import RegistryOptions, RegistrySource
+from .sources.registry import RegistryOptions, RegistrySource, interruptible_by
 from .sources.storesrc import StoreSource
 from .store import Store
 
@@ -292,10 +302,35 @@ class _Fetcher:
         #: Why a blob's fetch failed (or never started), by digest.
         self.errors: dict[str, BaseException] = {}
         self._buffers = Buffers()
+        #: Responses being read, so that :meth:`cancel` can wake a read blocked on its socket.
+        self._streams: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._streams_mu = threading.Lock()
+        #: Why the fetcher cancelled itself (the first failure, or an interrupt): what the blobs
+        #: this cancelled report to whoever waits for them, instead of "pull cancelled".
+        self._cause: BaseException | None = None
 
     def cancel(self) -> None:
-        """Stop the pull: streams in flight stop at their next piece; what was received is kept."""
+        """Stop the pull at once: the event every receiving, hashing and writing loop checks between
+        reads is set, and the sockets of the responses in flight are shut down, so that a read
+        blocked on one (a slow or stalled registry) returns now instead of at its next byte or its
+        timeout. What was received is recorded in the ingests' part maps for the next pull."""
         self._cancel.set()
+        with self._streams_mu:
+            streams = list(self._streams)
+        for stream in streams:
+            _shut_down(stream)
+
+    def _open_range(self, source: RegistrySource, desc: Descriptor, start: int, end: int | None) -> Any:
+        interruptible_by(self._cancel)  # called in the receiving threads of a blob in pieces
+        return self._opened(source.open_range(desc, start, end))
+
+    def _opened(self, stream: Any) -> Any:
+        """Track a response being read (see :meth:`cancel`); one opened after a cancel is shut at once."""
+        with self._streams_mu:
+            self._streams.add(stream)
+        if self._cancel.is_set():
+            _shut_down(stream)
+        return stream
 
     def done_event(self, digest: Digest) -> threading.Event:
         """Set once the blob's fetch has ended, well or not (the store says which)."""
@@ -326,15 +361,22 @@ class _Fetcher:
                 return
             # Small blobs first so configs and metadata land early; big ones get the parallel parts.
             todo.sort(key=lambda d: d.size)
-            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob") as pool:
+            pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="imagevol-blob")
+            try:
                 futures = [pool.submit(self.fetch, d) for d in todo]
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 for f in done:
                     if f.exception() is not None:
-                        self._cancel.set()
-                        for g in futures:
-                            g.cancel()
                         raise f.exception()  # type: ignore[misc]
+            except BaseException as e:
+                # An error, or an interrupt (Ctrl-C, SIGTERM) while waiting: the fetches in flight
+                # stop now, before the pool is waited for, not when their blobs are done.
+                if self._cause is None:
+                    self._cause = e
+                self.cancel()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         except BaseException as e:
             for d in descs:  # whoever waits for a blob that will not come hears why
                 self._ended(d, e)
@@ -343,6 +385,8 @@ class _Fetcher:
             self._buffers.clear()
 
     def _ended(self, desc: Descriptor, error: BaseException | None) -> None:
+        if error is not None and self._cause is not None and _cancelled(error):
+            error = self._cause  # cancelled because another blob failed: that is the reason
         if error is not None:
             self.errors.setdefault(str(desc.digest), error)
         tap = self.taps.get(str(desc.digest))
@@ -362,8 +406,8 @@ class _Fetcher:
         try:
             try:
                 self._fetch_once(desc)
-            except DigestMismatchError:
-                if not self._resumed.get(str(desc.digest)):
+            except DigestMismatchError as e:
+                if not self._resumed.get(str(desc.digest)) or isinstance(e, SizeMismatchError):
                     raise
                 # The resumed part map named bytes that did not survive (a power loss drops the page
                 # cache; a killed process does not): the ingest was discarded, fetch it afresh once.
@@ -375,8 +419,19 @@ class _Fetcher:
         self._ended(desc, None)
         self._emit(ProgressEvent("blob-done", str(desc.digest), size=desc.size))
 
+    def _ingest(self, desc: Descriptor) -> Any:
+        """The blob's ingest, once no other process holds it; waiting for one ends when the pull is
+        cancelled (a blocking lock could not be interrupted in this thread)."""
+        while True:
+            try:
+                return self.store.ingest(desc.digest, desc.size, blocking=False)
+            except IngestBusyError:
+                if self._cancel.wait(0.1):
+                    raise ImagevolError("pull cancelled") from None
+
     def _fetch_once(self, desc: Descriptor) -> None:
-        with self.store.ingest(desc.digest, desc.size) as ing:
+        interruptible_by(self._cancel)  # the registry's retry waits in this thread end on a cancel
+        with self._ingest(desc) as ing:
             if ing.already_present:  # another process fetched it while we waited for its lock
                 with self._mu:
                     self.reused += desc.size
@@ -411,7 +466,8 @@ class _Fetcher:
                 f"{attempts} times ({why})",
                 hint="the bytes received are kept: run the pull again to resume",
             )
-        time.sleep(min(5.0, 0.25 * (2 ** (attempts - 1))))
+        if self._cancel.wait(min(5.0, 0.25 * (2 ** (attempts - 1)))):
+            raise ImagevolError("pull cancelled")
 
     def _stream(self, desc: Descriptor, ing: Any, tap: LayerStream | None = None) -> Digest | None:
         """One stream from the resume point, hashed as it passes: the blob is read once. A cut
@@ -428,10 +484,11 @@ class _Fetcher:
         try:
             while offset < desc.size:
                 start = offset
-                f = self.source.open_blob(desc, offset)
+                f = self._opened(self.source.open_blob(desc, offset))
                 if tap is not None:
                     writer = AlignedWriter(ing.write_aligned, offset)
                 err: BaseException | None = None
+                ended = False  # the body ended where its own length said it would
                 skip = 0
                 try:
                     if offset and getattr(getattr(f, "resp", None), "status", 206) == 200:
@@ -447,6 +504,7 @@ class _Fetcher:
                             err = e
                             break
                         if not chunk:
+                            ended = True
                             break
                         if skip:
                             if len(chunk) <= skip:
@@ -454,10 +512,8 @@ class _Fetcher:
                                 continue
                             chunk, skip = chunk[skip:], 0
                         if offset + len(chunk) > desc.size:
-                            raise DigestMismatchError(
-                                f"blob {desc.digest} from {self.source.describe()} is longer than its "
-                                f"{desc.size} bytes",
-                                hint="the source served wrong content; nothing was stored",
+                            raise SizeMismatchError.of(
+                                f"blob {desc.digest}", self.source.describe(), desc.size, f"more than {desc.size}"
                             )
                         if writer is not None and hasher is not None and tap is not None:
                             writer.write(chunk)
@@ -481,6 +537,9 @@ class _Fetcher:
                     w, writer = writer, None
                     w.close()  # every byte received is written before the part map says so
                 ing.mark_complete(start, offset, sync=False)
+                if ended and offset < desc.size and not self._cancel.is_set():
+                    # Not a cut (that raises): the body was whole, and the blob is shorter than stated.
+                    raise SizeMismatchError.of(f"blob {desc.digest}", self.source.describe(), desc.size, offset)
                 if offset < desc.size:
                     attempts += 1
                     self._retry_or_raise(desc, attempts, offset, err)
@@ -504,7 +563,7 @@ class _Fetcher:
         job = PieceFetch(
             desc,
             ing,
-            open_range=lambda start, end: source.open_range(desc, start, end),
+            open_range=lambda start, end: self._open_range(source, desc, start, end),
             describe=source.describe,
             buffers=self._buffers,
             streams=self.parts_per_blob if desc.size > self.part_size else 1,
@@ -517,6 +576,21 @@ class _Fetcher:
             return job.run()
         except RangeIgnored:
             return self._stream(desc, ing)
+
+
+def _cancelled(e: BaseException) -> bool:
+    """True for the error a cancelled fetch raises."""
+    return type(e) is ImagevolError and str(e) == "pull cancelled"
+
+
+def _shut_down(stream: Any) -> None:
+    """Shut down the socket under a urllib3 response (or a reader of one): a read blocked on it
+    returns at once (end of data), in whatever thread it waits. Anything else is left alone."""
+    resp = getattr(stream, "resp", stream)
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's: works under TLS too
 
 
 def _store_manifests(store: Store, source: Source, sel: Selection, root_doc: Manifest | Index) -> None:

@@ -29,6 +29,8 @@ and to the first ``times`` requests it applies to:
 body bytes, so what the proxy counts as sent is what the client has received, give or take a
 chunk per connection (no megabytes parked in socket buffers). ``proxy.conn_rate_limit`` paces
 each connection on its own (a link where one connection is slow, many are not).
+``proxy.upload_rate_limit`` paces request bodies (pushes) on their way upstream;
+``proxy.uploaded_for(fragment)`` counts the request body bytes relayed for paths containing it.
 
 Every loop is bounded in count and time; only ``127.0.0.0/8`` addresses are used.
 """
@@ -212,6 +214,9 @@ class Proxy:
         self._stop = threading.Event()
         self.rate_limit: float | None = None
         self.conn_rate_limit: float | None = None
+        self.upload_rate_limit: float | None = None
+        self._uploaded: dict[str, int] = defaultdict(int)
+        self._upload_next = 0.0
         self._pace_next = 0.0
         self.side = SideServer()
         self.server: _Server | None = None
@@ -281,7 +286,9 @@ class Proxy:
         self.fault = None
         self.rate_limit = None
         self.conn_rate_limit = None
+        self.upload_rate_limit = None
         with self._mu:
+            self._uploaded.clear()
             self.requests.clear()
             self.auth_log.clear()
             self._bytes.clear()
@@ -292,6 +299,11 @@ class Proxy:
         """Body bytes sent for every path containing ``fragment`` (a digest, say), side server included."""
         with self._mu:
             return sum(n for p, n in self._bytes.items() if fragment in p)
+
+    def uploaded_for(self, fragment: str) -> int:
+        """Request body bytes relayed upstream for every path containing ``fragment``."""
+        with self._mu:
+            return sum(n for p, n in self._uploaded.items() if fragment in p)
 
     @property
     def bytes_total(self) -> int:
@@ -361,8 +373,11 @@ class Proxy:
                 data = rfile.read(min(self.chunk, left))
                 if not data:
                     break
+                self._pace_upload(len(data))
                 conn.send(data)
                 left -= len(data)
+                with self._mu:
+                    self._uploaded[path] += len(data)
             return conn, conn.getresponse()
         except BaseException:
             conn.close()
@@ -545,6 +560,17 @@ class Proxy:
             now = time.monotonic()
             start = max(self._pace_next, now)
             self._pace_next = start + n / rate
+        if start > now:
+            self._stop.wait(min(start - now, MAX_STALL))
+
+    def _pace_upload(self, n: int) -> None:
+        rate = self.upload_rate_limit
+        if not rate or rate <= 0:
+            return
+        with self._mu:
+            now = time.monotonic()
+            start = max(self._upload_next, now)
+            self._upload_next = start + n / rate
         if start > now:
             self._stop.wait(min(start - now, MAX_STALL))
 

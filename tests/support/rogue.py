@@ -47,6 +47,7 @@ class Answer:
     content_length: int | None = None  # None: the real length (or none for endless bodies)
     endless: bytes = b""
     status: int = 200
+    close_delimited: bool = False  # no Content-Length: the body ends where the connection closes
 
 
 class _Server(ThreadingHTTPServer):
@@ -134,9 +135,13 @@ class RogueRegistry:
             self._answers[f"/v2/{repo}/manifests/{ref}"] = Answer(body, media_type, header, content_length)
         return real
 
-    def blob(self, repo: str, digest: str, data: bytes) -> None:
+    def blob(self, repo: str, digest: str, data: bytes, *, close_delimited: bool = False) -> None:
+        """Serve ``data`` as blob ``digest``; ``close_delimited``: without a Content-Length, the body
+        ending when the connection closes (cleanly, after the last byte)."""
         with self._mu:
-            self._answers[f"/v2/{repo}/blobs/{digest}"] = Answer(data, "application/octet-stream", digest)
+            self._answers[f"/v2/{repo}/blobs/{digest}"] = Answer(
+                data, "application/octet-stream", digest, close_delimited=close_delimited
+            )
 
     def stream(self, repo: str, ref: str, media_type: str, pattern: bytes = b" ") -> None:
         """A manifest body that never ends (``pattern`` repeated, no Content-Length)."""
@@ -164,7 +169,7 @@ class RogueRegistry:
             h.send_header("Content-Type", ans.content_type)
             if ans.digest_header:
                 h.send_header("Docker-Content-Digest", ans.digest_header)
-            if ans.body is not None:
+            if ans.body is not None and not ans.close_delimited:
                 h.send_header(
                     "Content-Length", str(ans.content_length if ans.content_length is not None else len(ans.body))
                 )

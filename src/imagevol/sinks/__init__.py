@@ -29,6 +29,21 @@ __all__ = ["Blob", "FileRange", "PushStats", "Sink", "hash_blob", "open_sink"]
 PIECE = 1 << 20
 
 
+_scope = threading.local()
+
+
+def stop_with(cancel: threading.Event | None) -> None:
+    """Reads of blobs in this thread (hashing, uploads: :meth:`Blob.views`) raise ImagevolError
+    "cancelled" between pieces once `cancel` is set (an interrupted or failed push)."""
+    _scope.cancel = cancel
+
+
+def _check_cancel() -> None:
+    cancel = getattr(_scope, "cancel", None)
+    if cancel is not None and cancel.is_set():
+        raise ImagevolError("cancelled")
+
+
 def _changed(path: Path | str, what: str) -> ImagevolError:
     return ImagevolError(
         f"{path} {what} while it was packed", hint="do not modify the directory while `imagevol pack` runs"
@@ -79,6 +94,7 @@ class FileRange:
             ) from None
         try:
             while left > 0:
+                _check_cancel()
                 n = os.preadv(fd, [mv[: min(len(mv), left)]], pos)
                 if n <= 0:
                     raise _changed(self.path, "shrank")
@@ -150,6 +166,7 @@ class Blob:
             else:
                 mv = memoryview(p)
                 for i in range(off, off + take, PIECE):
+                    _check_cancel()
                     yield mv[i : min(i + PIECE, off + take)]
             left -= take
             pos += n

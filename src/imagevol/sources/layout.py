@@ -26,7 +26,14 @@ from typing import BinaryIO
 
 from .. import mediatypes as mt
 from ..digest import Digest, digest_bytes
-from ..errors import DigestMismatchError, ManifestError, NotFoundError, UnsafeContentError, UsageError
+from ..errors import (
+    DigestMismatchError,
+    ManifestError,
+    NotFoundError,
+    SizeMismatchError,
+    UnsafeContentError,
+    UsageError,
+)
 from ..manifest import MAX_MANIFEST_SIZE, Descriptor, Index, Manifest, parse_manifest
 from ..reference import LayoutReference
 
@@ -193,6 +200,8 @@ class LayoutSource:
 
     def manifest(self, desc: Descriptor) -> Manifest | Index:
         raw = self._read_small(desc.digest, MAX_MANIFEST_SIZE)
+        if len(raw) != desc.size:
+            raise SizeMismatchError.of(f"manifest {desc.digest}", self.describe(), desc.size, len(raw))
         return parse_manifest(raw, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
 
     def blob_bytes(self, desc: Descriptor, max_size: int) -> bytes:
@@ -201,6 +210,8 @@ class LayoutSource:
         if desc.size > max_size:
             raise ManifestError(f"blob {desc.digest} is {desc.size} bytes, over the {max_size} byte limit")
         raw = self._read_small(desc.digest, max_size)
+        if len(raw) != desc.size:
+            raise SizeMismatchError.of(f"blob {desc.digest}", self.describe(), desc.size, len(raw))
         if digest_bytes(raw, desc.digest.algorithm) != desc.digest:
             raise DigestMismatchError(f"blob {desc.digest} in OCI layout {self.ref.path!r} does not match its digest")
         return raw
@@ -216,10 +227,7 @@ class LayoutSource:
         size = os.fstat(fd).st_size
         if size != desc.size:
             f.close()
-            raise DigestMismatchError(
-                f"blob {desc.digest} in OCI layout {self.ref.path!r} is {size} bytes, its descriptor says {desc.size}",
-                hint="the layout is damaged or was changed after it was written",
-            )
+            raise SizeMismatchError.of(f"blob {desc.digest}", self.describe(), desc.size, size)
         if offset:
             f.seek(offset)
         return f

@@ -18,6 +18,7 @@ requests and redirect targets (blob storage, presigned URLs) never get it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import ipaddress
 import logging
@@ -39,9 +40,11 @@ from ..digest import Digest, digest_bytes
 from ..errors import (
     AuthError,
     DigestMismatchError,
+    ImagevolError,
     ManifestError,
     NotFoundError,
     RegistryError,
+    SizeMismatchError,
     TransportError,
 )
 from ..jsonutil import loads as json_loads
@@ -360,6 +363,15 @@ class Transport:
         return value
 
 
+_waits = threading.local()
+
+
+def interruptible_by(cancel: threading.Event | None) -> None:
+    """Retry waits of the registry requests this thread makes end as soon as `cancel` is set
+    (ImagevolError "pull cancelled"): a cancelled pull does not sit out a 429's Retry-After."""
+    _waits.cancel = cancel
+
+
 class RegistryEndpoint(NamedTuple):
     """One place a :class:`RegistrySource` pulls from: a host and the repository there.
 
@@ -462,7 +474,12 @@ class RegistryClient:
         o = self.t.options
         delay = retry_after if retry_after is not None else min(o.max_backoff, o.backoff * (2**attempt))
         delay = min(delay, 60.0)
-        time.sleep(delay + (random.random() * 0.1 if retry_after is None else 0))
+        delay += random.random() * 0.1 if retry_after is None else 0
+        cancel = getattr(_waits, "cancel", None)
+        if cancel is None:
+            time.sleep(delay)
+        elif cancel.wait(delay):
+            raise ImagevolError("pull cancelled")
 
     def _follow(
         self, method: str, url: str, headers: dict[str, str], stream: bool, body: Any = None
@@ -569,12 +586,22 @@ class RegistryClient:
             int(size) if size and size.isdigit() else None,
         )
 
-    def get_blob_bytes(self, digest: Digest, max_size: int) -> bytes:
+    def get_blob_bytes(self, digest: Digest, max_size: int, size: int | None = None) -> bytes:
+        """A small blob (a config), verified; with `size` (the descriptor's), of exactly that size."""
         r = self.request("GET", f"blobs/{digest}", stream=True, what=f"blob {digest}")
         try:
-            body = r.read(max_size + 1)
+            if size is not None:
+                served = served_size(r)
+                if served is not None and served != size:
+                    with contextlib.suppress(Exception):
+                        r.close()  # unread body: the connection is not reused
+                    raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
+            body = r.read((max_size if size is None else min(size, max_size)) + 1)
         finally:
             r.release_conn()
+        if size is not None and len(body) != size:
+            served_text = f"{len(body)}" if len(body) < size else f"more than {size}"
+            raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served_text)
         if len(body) > max_size:
             raise ManifestError(f"blob {digest} in {self.host}/{self.repo} is over the {max_size} byte limit")
         if digest_bytes(body, digest.algorithm) != digest:
@@ -584,17 +611,37 @@ class RegistryClient:
             )
         return body
 
-    def open_blob(self, digest: Digest, start: int = 0, end: int | None = None) -> urllib3.BaseHTTPResponse:
+    def open_blob(
+        self, digest: Digest, start: int = 0, end: int | None = None, *, size: int | None = None
+    ) -> urllib3.BaseHTTPResponse:
         """A streaming response for a blob or a byte range of it ([start, end) ; end None = to the end).
 
         The caller checks `status`: 206 for a honoured range, 200 when the server sent the whole blob.
+        With `size` (the descriptor's), a response whose own length says the blob has another size
+        is refused at once (SizeMismatchError): no retry can make it right.
         """
         headers = {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
-        return self.request(
-            "GET", f"blobs/{digest}", headers=headers, stream=True, ok=(200, 206), what=f"blob {digest}"
-        )
+        r = self.request("GET", f"blobs/{digest}", headers=headers, stream=True, ok=(200, 206), what=f"blob {digest}")
+        served = served_size(r) if size is not None else None
+        if size is not None and served is not None and served != size:
+            with contextlib.suppress(Exception):
+                r.close()  # unread body: the connection is not reused
+            raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
+        return r
+
+
+def served_size(resp: urllib3.BaseHTTPResponse) -> int | None:
+    """The size of the whole blob a response says it serves: the total of a 206's Content-Range, the
+    Content-Length of a 200 (of an unencoded body); None when the response does not say."""
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2].strip()
+    elif resp.headers.get("Content-Encoding", "identity").strip().lower() == "identity":
+        total = resp.headers.get("Content-Length", "").strip()
+    else:
+        return None
+    return int(total) if total.isdigit() else None
 
     def confirm(self, digest: Digest, *, manifest: bool = False, sample: tuple[int, bytes] = (0, b"")) -> bool:
         """Whether this repository serves `digest` to these credentials: True if it does, False if
@@ -723,6 +770,10 @@ class RegistrySource:
     def manifest(self, desc: Descriptor) -> Manifest | Index:
         def get(c: RegistryClient) -> Manifest | Index:
             body, _ctype, _ = c.get_manifest(str(desc.digest), expected=desc.digest)
+            if len(body) != desc.size:
+                raise SizeMismatchError.of(
+                    f"manifest {desc.digest}", f"registry {c.host}/{c.repo}", desc.size, len(body)
+                )
             # The descriptor's media type is authoritative for children; the header is advisory.
             return parse_manifest(body, desc.media_type, expected_digest=desc.digest, where=f"manifest {desc.digest}")
 
@@ -733,7 +784,7 @@ class RegistrySource:
             return desc.data
         if desc.size > max_size:
             raise ManifestError(f"blob {desc.digest} is {desc.size} bytes, over the {max_size} byte limit")
-        return self._try(f"blob {desc.digest}", lambda c: c.get_blob_bytes(desc.digest, max_size))
+        return self._try(f"blob {desc.digest}", lambda c: c.get_blob_bytes(desc.digest, max_size, desc.size))
 
     def open_blob(self, desc: Descriptor, offset: int = 0) -> BinaryIO:
         return _ResponseReader(self.open_range(desc, offset, None))  # type: ignore[return-value]
@@ -745,4 +796,4 @@ class RegistrySource:
 
     def open_range(self, desc: Descriptor, start: int, end: int | None) -> urllib3.BaseHTTPResponse:
         """A streaming response for [start, end) of a blob; status 200 means the server ignored Range."""
-        return self._try(f"blob {desc.digest}", lambda c: c.open_blob(desc.digest, start, end))
+        return self._try(f"blob {desc.digest}", lambda c: c.open_blob(desc.digest, start, end, size=desc.size))

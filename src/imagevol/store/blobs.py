@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..digest import ALGORITHMS, Digest, Verifier, is_digest
-from ..errors import DigestMismatchError, InvalidDigestError, NotFoundError, StoreError
+from ..errors import DigestMismatchError, IngestBusyError, InvalidDigestError, NotFoundError, StoreError
 from ..jsonutil import loads as json_loads
 from ..mediatypes import OCI_EMPTY_DATA, OCI_EMPTY_DIGEST
 from .ingest import READ_CHUNK, Ingest, _fsync_dir, remove_ingest_dir
@@ -218,7 +218,7 @@ class Store:
         directory.mkdir(mode=0o700, exist_ok=True)
         lock = FileLock(directory / "lock", recheck=True)
         if not lock.acquire(blocking):
-            raise StoreError(
+            raise IngestBusyError(
                 f"blob {d.short} is being downloaded by another process",
                 hint="wait for the other pull to finish",
             )
