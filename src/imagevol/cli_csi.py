@@ -94,13 +94,18 @@ def csi_cmd(
         node_id=node_id.strip(),
         driver_name=driver_name,
         platforms=node or [host_platform()],
-        options=make_options(kw),
+        options=make_options(kw, always_restrict=True),
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s"))
     logger = logging.getLogger("imagevol")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    if config.options.egress is not None and not config.options.egress.allow:
+        logger.warning(
+            "no --allow-registry: every pull will be refused; list the registries pods may use "
+            "(--allow-registry ghcr.io, --allow-registry '*.example.com', or '*' for any public registry)"
+        )
     status = serve(config, endpoint, metrics_host=metrics_host, metrics_port=metrics_port)
     # Pulls run in daemon threads and resume at the next publish: do not wait for them.
     sys.stdout.flush()

@@ -84,6 +84,8 @@ class Plugin:
             str(self.metrics_port),
             "--metrics-host",
             "127.0.0.1",
+            # The test registries are on loopback, which the plugin refuses unless the operator names it.
+            *(() if any(a.startswith("--allow-registry") for a in self.extra) else ("--allow-registry", "127.*:*")),
             *self.extra,
             log=log,
         )

@@ -76,6 +76,7 @@ from ..errors import AuthError, ImagevolError, NotFoundError, StoreError
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
 from ..pull import ProgressEvent, PullResult, pull
+from ..sources.egress import EgressPolicy
 from ..sources.registry import RegistryOptions
 from ..store import Store
 from ..unpack.applier import ApplyOptions
@@ -178,6 +179,8 @@ class Publisher:
 
     def __init__(self, config: PluginConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        if config.options.egress is None:  # pods choose references: an egress policy always applies
+            config.options = dataclasses.replace(config.options, egress=EgressPolicy())
         self.store = Store(config.root)
         self.metrics = metrics or Metrics()
         self._mu = threading.Lock()
