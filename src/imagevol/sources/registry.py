@@ -705,6 +705,8 @@ class RegistrySource:
         return [self._preferred, *[c for c in self.clients if c is not self._preferred]]
 
     def _try(self, what: str, fn: Callable[[RegistryClient], Any]) -> Any:
+        # The registry the reference names must be admitted, whichever endpoint would serve it.
+        self.transport.admit_registry(self.ref.api_domain)
         failures: list[str] = []
         last: Exception | None = None
         for c in self._ordered():
