@@ -338,7 +338,8 @@ def _target(tmp_path: Path, name: str) -> Path:
 
 
 def _publish_error(p: Plugin, tmp_path: Path, vid: str, image: str) -> grpc.RpcError:
-    return rpc_error(p.node.NodePublishVolume, publish_request(vid, _target(tmp_path, vid), {"image": image}), timeout=60)
+    req = publish_request(vid, _target(tmp_path, vid), {"image": image})
+    return rpc_error(p.node.NodePublishVolume, req, timeout=60)
 
 
 def test_csi_publish_naming_a_loopback_registry_is_refused(
