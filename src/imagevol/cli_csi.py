@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -45,6 +46,14 @@ from .csi import DEFAULT_DRIVER_NAME
     help="The node's platform preference list, best first (repeatable or comma-separated; default: this "
     "host). A volume's `platform` attribute overrides it.",
 )
+@click.option(
+    "--node-address",
+    "node_addresses",
+    multiple=True,
+    metavar="IP",
+    help="An address of this node that is not on an interface the plugin sees (its IP, when the plugin runs "
+    "in the pod network); refused like the node's own (repeatable).",
+)
 @registry_options
 @click.pass_context
 @handle_errors
@@ -56,6 +65,7 @@ def csi_cmd(
     metrics_port: int,
     metrics_host: str,
     platforms: tuple[str, ...],
+    node_addresses: tuple[str, ...],
     **kw: Any,
 ) -> None:
     """Serve the CSI Identity and Node services for ephemeral inline volumes.
@@ -81,6 +91,7 @@ def csi_cmd(
     from .csi.server import serve
     from .errors import UsageError
     from .platform import host_platform, parse_platform_list
+    from .sources.egress import EgressPolicy
 
     if not node_id.strip():
         raise UsageError("--node-id is empty", hint="pass the node's name (the downward API's spec.nodeName)")
@@ -89,12 +100,15 @@ def csi_cmd(
         for p in parse_platform_list(spec):
             if p not in node:
                 node.append(p)
+    options = make_options(kw, always_restrict=True)
+    if node_addresses:
+        options.egress = dataclasses.replace(options.egress, node=EgressPolicy.parse([], node_addresses).node)
     config = PluginConfig(
         root=Path(ctx.obj["root"]),
         node_id=node_id.strip(),
         driver_name=driver_name,
         platforms=node or [host_platform()],
-        options=make_options(kw, always_restrict=True),
+        options=options,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s"))

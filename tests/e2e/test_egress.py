@@ -13,6 +13,8 @@ loopback service that records every request it gets:
   loopback (``localhost:*``), 0.0.0.0, a blob redirect of an admitted registry to loopback, an
   IPv4-mapped loopback address, a name resolving to loopback, or 169.254.169.254, a token realm on
   loopback or link-local: all refused (exit 4), the secret service saw nothing;
+* the host's own addresses (read from its interfaces at connect time) and the CSI plugin's
+  --node-address are refused like loopback;
 * an entry that names the address itself admits it; mirrors of registries.conf are admitted;
 * an error answer that is not a registry error document (HTML, other JSON) is described by status
   and content type, never quoted, in the CLI and in the pod's event; a registry error document's
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -48,7 +51,7 @@ Answer = tuple[int, dict[str, str], bytes]
 class Spy:
     """A loopback HTTP server answering ``answer(method, path)`` and recording every request."""
 
-    def __init__(self, answer: Callable[[str, str], Answer]) -> None:
+    def __init__(self, answer: Callable[[str, str], Answer], address: str = "127.0.0.1") -> None:
         spy = self
         self.answer = answer
         self.requests: list[tuple[str, str]] = []
@@ -75,10 +78,10 @@ class Spy:
 
             do_GET = do_HEAD = do_POST = do_PUT = _reply
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((address, 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
-        self.host = f"127.0.0.1:{self.port}"
+        self.host = f"{address}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -152,17 +155,42 @@ def test_registry_outside_the_allow_list_is_refused_before_any_request(cli: Imag
 @pytest.mark.parametrize(
     ("name", "allow", "kind"),
     [
-        ("localhost", "localhost:*", "loopback"),  # the name is admitted; what it resolves to is not
-        ("127.0.0.1", "*:*", "loopback"),  # a name glob never admits a special address
-        ("0.0.0.0", "*:*", "unspecified"),  # (Linux connects 0.0.0.0 to the host itself)
+        ("localhost", "localhost:*", "a loopback address"),  # the name is admitted; what it resolves to is not
+        ("127.0.0.1", "*:*", "a loopback address"),  # a name glob never admits a special address
+        ("0.0.0.0", "*:*", "an unspecified address"),  # (Linux connects 0.0.0.0 to the host itself)
     ],
 )
 def test_admitted_name_on_a_loopback_address_is_refused(
     cli: Imagevol, spy: Spy, secret: str, name: str, allow: str, kind: str
 ) -> None:
     r = cli.pull(f"{name}:{spy.port}/x:v1", "--allow-registry", allow, "--retries", "0")
-    _refused(r, secret, f"is a {kind} address", f"--allow-registry: {allow}")
+    _refused(r, secret, f"is {kind}", f"--allow-registry: {allow}")
     assert spy.requests == []
+
+
+def _global_ipv4() -> str:
+    """A non-loopback IPv4 address of this host (`ip -o -4 addr show scope global`)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    addrs = [line.split()[3].split("/")[0] for line in out.stdout.splitlines() if len(line.split()) > 3]
+    if not addrs:
+        pytest.skip("this host has no global IPv4 address to listen on")
+    return addrs[0]
+
+
+def test_the_hosts_own_address_is_refused(cli: Imagevol, secret: str) -> None:
+    """A service on the node's own (non-loopback) address, found on the interfaces at connect time."""
+    address = _global_ipv4()
+    own = Spy(lambda method, path: (200, {"Content-Type": "text/plain"}, secret.encode()), address)
+    try:
+        r = cli.pull(f"{own.host}/x:v1", "--allow-registry", "*:*", "--retries", "0")
+        _refused(r, secret, f"{address} is one of this node's own addresses")
+        assert own.requests == []
+        # Named by address, it is admitted (plain http, as --tls-verify=false allows off loopback).
+        r = cli.pull(f"{own.host}/x:v1", "--allow-registry", own.host, "--retries", "0", "--tls-verify=false")
+        assert r.returncode != 0 and secret not in r.stderr, r.stderr
+        assert own.requests
+    finally:
+        own.close()
 
 
 def test_entry_naming_the_address_admits_it(cli: Imagevol, registry: Registry, spy: Spy) -> None:
@@ -365,6 +393,15 @@ def test_csi_publish_naming_a_loopback_registry_is_refused(
     assert "no --allow-registry" in p.current_log.read_text()
     assert spy.requests == []
     assert not any(secret in log.read_text() for log in tmp_path.glob("plugin*.log"))
+
+
+def test_csi_node_address_is_refused(plugin_env: Callable[..., Plugin], tmp_path: Path) -> None:
+    """In the pod network the node's IP is on no interface of the plugin: --node-address names it
+    (TEST-NET-3 here, never connected to)."""
+    p = plugin_env("--allow-registry", "*:*", "--node-address", "203.0.113.7")
+    err = _publish_error(p, tmp_path, "csi-ssrf-5", "203.0.113.7:10250/x:v1")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (err.code(), err.details())
+    assert "203.0.113.7 is one of this node's own addresses" in err.details()
 
 
 def test_csi_event_never_quotes_a_non_registry_answer(

@@ -59,6 +59,7 @@ CSI_FLAGS = {
     "--registries-conf": "abspath",
     "--timeout": "seconds",
     "--allow-registry": "registry-glob",
+    "--node-address": "node-ip",
 }
 VOLUME_ATTRIBUTES = {"image", "platform", "platformPolicy", "pullPolicy", "subPath"}
 
@@ -479,6 +480,8 @@ def _check_value(flag: str, kind: str, value: str) -> None:
         assert value.lower() in ("true", "false", "1", "0", "yes", "no"), f"{flag}={value!r} is not a boolean"
     elif kind == "seconds":
         assert float(value) > 0, f"{flag}={value!r}"
+    elif kind == "node-ip":
+        assert value == "$(NODE_IP)", f"{flag}={value!r} is not the node's IP from the downward API"
     elif kind == "registry-glob":
         (entry,) = EgressPolicy.parse([value]).allow
         # The shipped list names registries; an entry naming an address would admit node-local ones.
@@ -496,6 +499,8 @@ def test_plugin_arguments_follow_the_csi_interface() -> None:
         _check_value(flag, CSI_FLAGS[flag], value)
     flags = [f for f, _ in csi_opts]
     assert {"--endpoint", "--node-id", "--registries-conf", "--allow-registry"} <= set(flags)
+    assert _env(plugin)["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert ("--node-address", "$(NODE_IP)") in csi_opts
     # Each option once (only --platform and --allow-registry may repeat).
     once = [f for f in flags if f not in ("--platform", "--allow-registry")]
     assert len(once) == len(set(once))

@@ -132,22 +132,24 @@ def _unwrap(ip: IPAddress) -> IPAddress:
     return ip
 
 
-def special_kind(address: str | IPAddress, own: frozenset[IPAddress] | None = None) -> str | None:
-    """Why an address is refused unless allowed by address ("loopback", "link-local", ...), or None."""
+def special_kind(address: str | IPAddress, node: Iterable[IPAddress] = ()) -> str | None:
+    """Why an address is refused unless allowed by address ("a loopback address", ...), or None.
+    ``node``: addresses of the node besides those of this network namespace's interfaces (a plugin
+    in the pod network does not see the node's IP on an interface of its own)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0]) if isinstance(address, str) else address
     ip = _unwrap(ip)
     if ip.is_loopback:
-        return "loopback"
+        return "a loopback address"
     if any(ip in n for n in _METADATA):
-        return "cloud metadata"
+        return "a cloud metadata address"
     if ip.is_link_local:
-        return "link-local (cloud metadata endpoints live there)"
+        return "a link-local address (where cloud metadata endpoints live)"
     if ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in _THIS_NETWORK):
-        return "unspecified"
+        return "an unspecified address"
     if ip.is_multicast or ip == _BROADCAST:
-        return "multicast or broadcast"
-    if ip in (node_addresses() if own is None else own):
-        return "one of this node's own"
+        return "a multicast or broadcast address"
+    if ip in node_addresses() or ip in node:
+        return "one of this node's own addresses"
     return None
 
 
@@ -253,15 +255,26 @@ class EgressPolicy:
     every pull (``--allow-registry '*'`` admits any registry, special addresses still refused)."""
 
     allow: tuple[AllowEntry, ...] = ()
+    # The node's addresses that are not on an interface here (the CSI plugin's --node-address).
+    node: tuple[IPAddress, ...] = ()
 
     @classmethod
-    def parse(cls, globs: Iterable[str]) -> EgressPolicy:
+    def parse(cls, globs: Iterable[str], node: Iterable[str] = ()) -> EgressPolicy:
         entries: list[AllowEntry] = []
         for g in globs:
             for part in g.split(","):
                 if part.strip():
                     entries.append(AllowEntry.parse(part))
-        return cls(tuple(entries))
+        addresses: list[IPAddress] = []
+        for a in node:
+            try:
+                addresses.append(_unwrap(ipaddress.ip_address(a.strip().strip("[]"))))
+            except ValueError:
+                raise UsageError(
+                    f"invalid --node-address {a!r}: not an IP address",
+                    hint="pass the node's IP, e.g. --node-address=$(NODE_IP) with NODE_IP from status.hostIP",
+                ) from None
+        return cls(tuple(entries), tuple(addresses))
 
     def describe(self) -> str:
         return ", ".join(e.text for e in self.allow) if self.allow else "empty"
@@ -290,13 +303,13 @@ class EgressPolicy:
         """Raise EgressRefusedError if ``address`` (what ``host`` resolved to) is special and not
         named by an address entry."""
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        kind = special_kind(ip)
+        kind = special_kind(ip, self.node)
         if kind is None or self.allows_address(ip, port):
             return
         shown = f"[{ip}]" if ip.version == 6 else str(ip)
         what = f"{host}:{port}" if host.strip("[]").lower() == str(ip) else f"{host}:{port} (it resolves to {ip})"
         raise EgressRefusedError(
-            f"refused to connect to {what}: {ip} is a {kind} address and no --allow-registry entry names it "
+            f"refused to connect to {what}: {ip} is {kind} and no --allow-registry entry names it "
             f"(--allow-registry: {self.describe()})",
             hint=f"such addresses are reached only when the operator names the address itself, "
             f"e.g. --allow-registry {shown}:{port}",
