@@ -208,6 +208,52 @@ def test_entry_naming_the_address_admits_it(cli: Imagevol, registry: Registry, s
     assert r.returncode == 0, r.stderr
 
 
+def test_tls_through_checked_connections(cli: Imagevol, tls_registry: Registry, tmp_path: Path) -> None:
+    """The checked connection goes to the literal address; TLS still verifies the certificate for
+    the name asked for (`localhost`), and a certificate the CA did not sign is still refused."""
+    client = oci.Client(tls_registry)
+    body, digest = _artifact()
+    for d in (b"weights", oci.OCI_EMPTY_DATA):
+        client.push_blob("egress/tls", d)
+    client.push_manifest("egress/tls", "v1", body, oci.OCI_MANIFEST)
+    port = tls_registry.host.rsplit(":", 1)[1]
+    allow = ("--allow-registry", f"localhost:{port},127.0.0.1:{port},[::1]:{port}")
+    ref = f"localhost:{port}/egress/tls:v1"
+    r = cli.pull(ref, *allow, "--retries", "0")
+    assert r.returncode == 1 and "certificate" in r.stderr.lower(), r.stderr
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(Path(tls_registry.ca_file).read_bytes())
+    r = cli.pull(ref, *allow, "--cert-dir", str(certs), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["digest"] == digest
+    # Another name of 127.0.0.1 (from /etc/hosts), not in the certificate: refused by TLS, so the
+    # certificate is checked against the name, not the address connected to.
+    other = [n for n in _hosts_names("127.0.0.1") if n != "localhost"]
+    if other:
+        r = cli.pull(
+            f"{other[0]}:{port}/egress/tls:v1",
+            "--allow-registry",
+            f"{other[0]}:{port},127.0.0.1:{port}",
+            "--cert-dir",
+            str(certs),
+            "--retries",
+            "0",
+            "--pull",
+            "always",
+        )
+        assert r.returncode == 1 and "certificate" in r.stderr.lower(), r.stderr
+
+
+def _hosts_names(address: str) -> list[str]:
+    names = []
+    for line in Path("/etc/hosts").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields and fields[0] == address:
+            names += [n for n in fields[1:] if "." not in n and n.isascii()]
+    return names
+
+
 @pytest.mark.parametrize(
     "where",
     [
