@@ -390,6 +390,7 @@ class Transport:
             realm,
             body=body,
             headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": self.options.user_agent},
+            redirect=False,  # as every request here: no hop escapes the egress checks of its own netloc
         )
         if r.status != 200:
             raise AuthError(
