@@ -431,6 +431,10 @@ def test_csi_publish_naming_a_loopback_registry_is_refused(
     err = _publish_error(p, tmp_path, "csi-ssrf-2", image)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (err.code(), err.details())
     assert "loopback" in err.details()
+    # The cloud metadata endpoint: refused before any connection.
+    err = _publish_error(p, tmp_path, "csi-ssrf-2m", "169.254.169.254/latest/meta-data:v1")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (err.code(), err.details())
+    assert "169.254.169.254 is a link-local address" in err.details()
     # No --allow-registry at all: nothing is contacted.
     p = plugin_env("--allow-registry=")
     err = _publish_error(p, tmp_path, "csi-ssrf-3", image)

@@ -161,7 +161,8 @@ def error_detail(body: bytes, content_type: str | None = None) -> str:
         return "an empty answer"
     ctype = (content_type or "").split(";", 1)[0].strip().lower()
     kind = ctype if _MEDIA_TYPE.fullmatch(ctype) else "untyped"
-    return f"a {kind} answer of {len(body)}{'+' if len(body) >= 65536 else ''} bytes, not a registry error document"
+    size = f"{len(body)}{'+' if len(body) >= 65536 else ''}"
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} answer of {size} bytes, not a registry error document"
 
 
 @dataclass
