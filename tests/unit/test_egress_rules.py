@@ -120,7 +120,9 @@ def test_special_addresses_need_an_entry_naming_them(
         assert "--allow-registry" in (ei.value.hint or "")
 
 
-@pytest.mark.parametrize("bad", ["", "https://ghcr.io", "ghcr.io/org", "user@host", "host:port", "[::1", "a b"])
+@pytest.mark.parametrize(
+    "bad", ["", "https://ghcr.io", "ghcr.io/org", "user@host", "host:port", "[::1", "a b", ":5000", "::1"]
+)
 def test_invalid_entries_are_usage_errors(bad: str) -> None:
     with pytest.raises(UsageError, match="invalid --allow-registry") as ei:
         from imagevol.sources.egress import AllowEntry

@@ -87,7 +87,7 @@ class AllowEntry:
             host, sep, port_text = t.partition(":")
             port = port_text if sep else None
             is_address = bool(_IPV4_GLOB.fullmatch(host))
-            if not _HOST_GLOB.fullmatch(host or "-"):
+            if not host or not _HOST_GLOB.fullmatch(host):
                 bad = "the host part is not a name, an address or a glob of one"
         if bad is None and port is not None and not _PORT_GLOB.fullmatch(port):
             bad = "the port must be a number or a glob such as *"
