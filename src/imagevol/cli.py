@@ -122,16 +122,30 @@ def registry_options(fn: F) -> F:
             show_default=True,
             help="Retries on 429/5xx and connection resets.",
         ),
+        click.option(
+            "--allow-registry",
+            "allow_registry",
+            multiple=True,
+            metavar="GLOB",
+            help="Contact only registries matching GLOB (host[:port]: ghcr.io, *.example.com, registry.local:5000, "
+            "*; repeatable), and no loopback, link-local or own address of this host unless an entry names the "
+            "address (127.0.0.1:*). Mirrors of registries.conf are admitted. Always on in `csi` (none: no registry).",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def make_options(kw: dict[str, Any]) -> Any:
+def make_options(kw: dict[str, Any], *, always_restrict: bool = False) -> Any:
+    """RegistryOptions from the registry flags. The egress policy (--allow-registry) applies when
+    entries are given, or always with ``always_restrict`` (the CSI plugin)."""
+    from .sources.egress import EgressPolicy
     from .sources.registry import RegistryOptions
 
+    allow = kw.pop("allow_registry", ()) or ()
     return RegistryOptions(
+        egress=EgressPolicy.parse(allow) if allow or always_restrict else None,
         tls_verify=kw.pop("tls_verify", None),
         cert_dir=kw.pop("cert_dir", None),
         authfile=kw.pop("authfile", None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -54,6 +55,14 @@ from .csi import DEFAULT_DRIVER_NAME
     help="How long a registry's confirmation that a volume's credentials may read content another volume's "
     "secret pulled onto the node is reused (kept in the store across restarts; 0: ask at every publish).",
 )
+@click.option(
+    "--node-address",
+    "node_addresses",
+    multiple=True,
+    metavar="IP",
+    help="An address of this node that is not on an interface the plugin sees (its IP, when the plugin runs "
+    "in the pod network); refused like the node's own (repeatable).",
+)
 @registry_options
 @click.pass_context
 @handle_errors
@@ -66,6 +75,7 @@ def csi_cmd(
     metrics_host: str,
     platforms: tuple[str, ...],
     access_ttl: float,
+    node_addresses: tuple[str, ...],
     **kw: Any,
 ) -> None:
     """Serve the CSI Identity and Node services for ephemeral inline volumes.
@@ -91,6 +101,7 @@ def csi_cmd(
     from .csi.server import serve
     from .errors import UsageError
     from .platform import host_platform, parse_platform_list
+    from .sources.egress import EgressPolicy
 
     if not node_id.strip():
         raise UsageError("--node-id is empty", hint="pass the node's name (the downward API's spec.nodeName)")
@@ -99,12 +110,15 @@ def csi_cmd(
         for p in parse_platform_list(spec):
             if p not in node:
                 node.append(p)
+    options = make_options(kw, always_restrict=True)
+    if node_addresses:
+        options.egress = dataclasses.replace(options.egress, node=EgressPolicy.parse([], node_addresses).node)
     config = PluginConfig(
         root=Path(ctx.obj["root"]),
         node_id=node_id.strip(),
         driver_name=driver_name,
         platforms=node or [host_platform()],
-        options=make_options(kw),
+        options=options,
         access_ttl=access_ttl,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -112,6 +126,11 @@ def csi_cmd(
     logger = logging.getLogger("imagevol")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
+    if config.options.egress is not None and not config.options.egress.allow:
+        logger.warning(
+            "no --allow-registry: every pull will be refused; list the registries pods may use "
+            "(--allow-registry ghcr.io, --allow-registry '*.example.com', or '*' for any public registry)"
+        )
     status = serve(config, endpoint, metrics_host=metrics_host, metrics_port=metrics_port)
     # Pulls run in daemon threads and resume at the next publish: do not wait for them.
     sys.stdout.flush()

@@ -111,6 +111,11 @@ class LimitExceededError(ContentRefusedError):
     refused by policy; raising the limit admits it."""
 
 
+class EgressRefusedError(ContentRefusedError):
+    """A registry, token service or redirect target that the egress policy does not admit (a registry
+    outside the --allow-registry list, or a loopback, link-local or node address): nothing was sent."""
+
+
 class StoreError(ImagevolError):
     """The content store is unusable or inconsistent."""
 

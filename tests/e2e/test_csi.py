@@ -85,6 +85,8 @@ class Plugin:
             str(self.metrics_port),
             "--metrics-host",
             "127.0.0.1",
+            # The test registries are on loopback, which the plugin refuses unless the operator names it.
+            *(() if any(a.startswith("--allow-registry") for a in self.extra) else ("--allow-registry", "127.*:*")),
             *self.extra,
             log=log,
         )
@@ -616,9 +618,12 @@ def test_a_job_leaves_the_table_only_when_done(tmp_path: Path, content: Content,
     from imagevol.csi.publisher import PluginConfig, Publisher, canonical_target
     from imagevol.csi.status import Pending
     from imagevol.platform import parse_platform
+    from imagevol.sources.egress import EgressPolicy
+    from imagevol.sources.registry import RegistryOptions
 
     node = [parse_platform(NODE)]
-    pub = Publisher(PluginConfig(root=tmp_path / "store", node_id="n1", platforms=node))
+    loopback = RegistryOptions(egress=EgressPolicy.parse(["127.*:*"]))
+    pub = Publisher(PluginConfig(root=tmp_path / "store", node_id="n1", platforms=node, options=loopback))
     spec = parse_attributes({"image": content.big.ref(proxy.host)}, node)
     proxy.rate_limit = 2 * MiB
     t1, t2 = tmp_path / "pods" / "a" / "mount", tmp_path / "pods" / "b" / "mount"

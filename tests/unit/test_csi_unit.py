@@ -298,11 +298,12 @@ def test_failed_jobs_nobody_collects_are_dropped(tmp_path: Path, monkeypatch: py
     """A publish whose pull fails after its caller gave up keeps its failure for the retry only
     for FAILED_RESULT_TTL; after that the job goes, so pods deleted meanwhile leave nothing behind."""
     from imagevol.csi import publisher as pubmod
+    from imagevol.sources.egress import EgressPolicy
     from imagevol.sources.registry import RegistryOptions
     from tests.support.registry import free_port
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the pull fails at once
-    options = RegistryOptions(retries=0, connect_timeout=2, read_timeout=2)
+    options = RegistryOptions(retries=0, connect_timeout=2, read_timeout=2, egress=EgressPolicy.parse(["127.0.0.1:*"]))
     pub = pubmod.Publisher(pubmod.PluginConfig(root=tmp_path / "store", node_id="n", platforms=NODE, options=options))
     spec = parse_attributes({"image": f"{dead}/models/m:v1"}, NODE)
     t1, t2 = tmp_path / "pods" / "a" / "mount", tmp_path / "pods" / "b" / "mount"

@@ -29,6 +29,7 @@ import yaml
 
 from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_reference
+from imagevol.sources.egress import EgressPolicy
 from imagevol.sources.factory import pull_hosts
 from imagevol.sources.regconf import load_registries_conf, pull_endpoints
 from imagevol.sources.registry import RegistryOptions
@@ -57,6 +58,8 @@ CSI_FLAGS = {
     "--authfile": "abspath",
     "--registries-conf": "abspath",
     "--timeout": "seconds",
+    "--allow-registry": "registry-glob",
+    "--node-address": "node-ip",
 }
 VOLUME_ATTRIBUTES = {"image", "platform", "platformPolicy", "pullPolicy", "subPath"}
 
@@ -477,6 +480,12 @@ def _check_value(flag: str, kind: str, value: str) -> None:
         assert value.lower() in ("true", "false", "1", "0", "yes", "no"), f"{flag}={value!r} is not a boolean"
     elif kind == "seconds":
         assert float(value) > 0, f"{flag}={value!r}"
+    elif kind == "node-ip":
+        assert value == "$(NODE_IP)", f"{flag}={value!r} is not the node's IP from the downward API"
+    elif kind == "registry-glob":
+        (entry,) = EgressPolicy.parse([value]).allow
+        # The shipped list names registries; an entry naming an address would admit node-local ones.
+        assert not entry.is_address, f"{flag}={value!r} names an address"
     else:  # pragma: no cover - a kind added to the table without a check
         raise AssertionError(f"no check for {kind}")
 
@@ -489,9 +498,12 @@ def test_plugin_arguments_follow_the_csi_interface() -> None:
     for flag, value in csi_opts:
         _check_value(flag, CSI_FLAGS[flag], value)
     flags = [f for f, _ in csi_opts]
-    assert {"--endpoint", "--node-id", "--registries-conf"} <= set(flags)
-    # Each option once (only --platform may repeat).
-    assert len([f for f in flags if f != "--platform"]) == len({f for f in flags if f != "--platform"})
+    assert {"--endpoint", "--node-id", "--registries-conf", "--allow-registry"} <= set(flags)
+    assert _env(plugin)["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    assert ("--node-address", "$(NODE_IP)") in csi_opts
+    # Each option once (only --platform and --allow-registry may repeat).
+    once = [f for f in flags if f not in ("--platform", "--allow-registry")]
+    assert len(once) == len(set(once))
     # Files the plugin is told to read are where a volume puts them.
     mounts = [m["mountPath"].rstrip("/") for m in plugin["volumeMounts"]]
     for flag, value in csi_opts:
@@ -668,7 +680,13 @@ def test_example_pod() -> None:
     assert csi["readOnly"] is True
     attrs = csi["volumeAttributes"]
     assert set(attrs) <= VOLUME_ATTRIBUTES
-    parse_reference(attrs["image"])
+    ref = parse_reference(attrs["image"])
+    # The plugin's --allow-registry list admits the example's registry (and the mirrors of the
+    # shipped registries.conf are its operator's, admitted without an entry).
+    _, csi_opts = _plugin_command(_plugin_of(_daemonset()))
+    policy = EgressPolicy.parse([v for f, v in csi_opts if f == "--allow-registry"])
+    assert policy.allows_registry(ref.api_domain), f"{ref.domain} is not in the plugin's --allow-registry list"
+    assert not policy.allows_registry("127.0.0.1:5000") and not policy.allows_registry("169.254.169.254")
     assert attrs.get("platformPolicy", "native") in ("native", "any")
     assert attrs.get("pullPolicy", "missing") in ("always", "missing", "never")
     if "platform" in attrs:

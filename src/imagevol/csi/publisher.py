@@ -92,6 +92,7 @@ from ..platform import Platform
 from ..pull import ProgressEvent, PullResult, plan_pull
 from ..reference import Reference, parse_any
 from ..select import Selection
+from ..sources.egress import EgressPolicy
 from ..sources.factory import open_source
 from ..sources.registry import RegistryOptions, RegistrySource
 from ..store import Store
@@ -277,6 +278,8 @@ class Publisher:
 
     def __init__(self, config: PluginConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        if config.options.egress is None:  # pods choose references: an egress policy always applies
+            config.options = dataclasses.replace(config.options, egress=EgressPolicy())
         self.store = Store(config.root)
         self.metrics = metrics or Metrics()
         self._mu = threading.Lock()

@@ -16,6 +16,9 @@ UsageError (bad reference, platform,   INVALID_ARGUMENT
 attribute, read-write request)
 NoMatchError (no manifest for the      FAILED_PRECONDITION, with the explain trace
 node's platform)
+EgressRefusedError (a registry outside  PERMISSION_DENIED
+--allow-registry, a loopback, link-
+local or node address)
 AuthError                              UNAUTHENTICATED (401, no credentials) or
                                        PERMISSION_DENIED (403)
 NotFoundError                          NOT_FOUND
@@ -41,6 +44,7 @@ from ..errors import (
     BusyError,
     ContentRefusedError,
     DigestMismatchError,
+    EgressRefusedError,
     ImagevolError,
     NoMatchError,
     NotFoundError,
@@ -77,6 +81,8 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
         return Code.INVALID_ARGUMENT
     if isinstance(exc, NoMatchError):
         return Code.FAILED_PRECONDITION
+    if isinstance(exc, EgressRefusedError):
+        return Code.PERMISSION_DENIED
     if isinstance(exc, AuthError):
         return Code.PERMISSION_DENIED if exc.status == 403 else Code.UNAUTHENTICATED
     if isinstance(exc, NotFoundError):

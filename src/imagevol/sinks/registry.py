@@ -36,7 +36,7 @@ from ..digest import Digest, digest_bytes
 from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryError, TransportError, UsageError
 from ..manifest import Descriptor
 from ..reference import Reference
-from ..sources.registry import RegistryClient, RegistryOptions, Transport, oci_error_text
+from ..sources.registry import RegistryClient, RegistryOptions, Transport, error_detail
 from . import PIECE, Blob, PushStats
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "RegistrySink"]
@@ -140,7 +140,7 @@ class RegistrySink:
         except urllib3.exceptions.HTTPError as e:
             raise TransportError(f"{what}: {method} {parts.netloc} failed: {e}") from None
         if r.status not in ok:
-            detail = oci_error_text(r.data) or r.data[:200].decode("utf-8", "replace")
+            detail = error_detail(r.data, r.headers.get("Content-Type"))
             raise RegistryError(f"{what}: {parts.netloc} answered {r.status}: {detail}", status=r.status)
         return r
 

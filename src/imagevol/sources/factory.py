@@ -126,4 +126,8 @@ def _registry_source(r: Reference, options: RegistryOptions, transport: Transpor
     endpoints, insecure = pull_hosts(r, options)
     if insecure - options.insecure_hosts:
         options.insecure_hosts = options.insecure_hosts | insecure
+    for e in endpoints:
+        if e.host != r.api_domain:
+            # A mirror or rewritten location from registries.conf: the operator chose it, the pod did not.
+            transport.trust(e.host)
     return RegistrySource(r, transport, endpoints=endpoints)

@@ -50,6 +50,7 @@ from ..errors import (
 from ..jsonutil import loads as json_loads
 from ..manifest import MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Descriptor, Index, Manifest, parse_manifest
 from ..reference import Reference
+from .egress import CheckedPoolManager, EgressPolicy
 
 log = logging.getLogger("imagevol.registry")
 
@@ -72,6 +73,9 @@ class RegistryOptions:
     max_backoff: float = 20.0
     user_agent: str = USER_AGENT
     insecure_hosts: frozenset[str] = field(default_factory=frozenset)
+    # Which registries and addresses may be contacted (--allow-registry; see sources/egress.py).
+    # None: no restriction (the CLI without --allow-registry); the CSI plugin always sets one.
+    egress: EgressPolicy | None = None
     # Injected for tests and embedding; default looks credentials up in auth files.
     credentials: Callable[[str, str], Any] | None = None
 
@@ -118,8 +122,18 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_MEDIA_TYPE = re.compile(r"[\w.+-]{1,64}/[\w.+-]{1,64}")
+
+
+def _printable(text: str, limit: int) -> str:
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def oci_error_text(body: bytes) -> str | None:
-    """`CODE: message (detail)` lines from a distribution error body, if it is one."""
+    """`CODE: message` lines from a distribution error document (JSON with an `errors` array), if
+    the body is one. Only the codes and messages are quoted (printable, capped); never other fields."""
     try:
         doc = json_loads(body[:65536])
     except (ValueError, UnicodeDecodeError):
@@ -131,12 +145,27 @@ def oci_error_text(body: bytes) -> str | None:
     for e in errs[:5]:
         if not isinstance(e, dict):
             continue
-        s = f"{e.get('code', 'UNKNOWN')}: {e.get('message', '')}".strip()
-        detail = e.get("detail")
-        if detail and not isinstance(detail, (dict, list)):
-            s += f" ({detail})"
-        parts.append(s)
+        code = e.get("code")
+        code = code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else "UNKNOWN"
+        message = e.get("message")
+        message = _printable(message, 200) if isinstance(message, str) else ""
+        parts.append(f"{code}: {message}" if message else code)
     return "; ".join(parts) or None
+
+
+def error_detail(body: bytes, content_type: str | None = None) -> str:
+    """What an error answer said, for an error text: the codes and messages of a registry error
+    document; of anything else (an HTML page, a node-local service's answer) only its content type
+    and size, never its bytes (they may be a secret the request was forged to fetch)."""
+    text = oci_error_text(body)
+    if text:
+        return text
+    if not body:
+        return "an empty answer"
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    kind = ctype if _MEDIA_TYPE.fullmatch(ctype) else "untyped"
+    size = f"{len(body)}{'+' if len(body) >= 65536 else ''}"
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} answer of {size} bytes, not a registry error document"
 
 
 @dataclass
@@ -156,6 +185,28 @@ class Transport:
         self._basic: dict[str, str] = {}
         self._lock = threading.Lock()
         self._cred_cache: dict[tuple[str, str], Any] = {}
+        # Endpoints registries.conf gives (mirrors, rewritten locations): operator-set, so neither
+        # the allow-list nor the special-address rule applies to them.
+        self._trusted: set[str] = set()
+
+    # --- egress policy --------------------------------------------------
+    def trust(self, host: str) -> None:
+        """Mark ``host[:port]`` as operator-set (a registries.conf endpoint): the egress policy admits it."""
+        with self._lock:
+            self._trusted.add(host)
+
+    def admit_registry(self, host: str) -> None:
+        """Raise EgressRefusedError unless the egress policy admits the registry ``host[:port]``."""
+        policy = self.options.egress
+        if policy is None or host in self._trusted:
+            return
+        policy.check_registry(host)
+
+    def _check_address(self, netloc: str, host: str, port: int, address: str) -> None:
+        policy = self.options.egress
+        if policy is None or netloc in self._trusted:
+            return
+        policy.check_address(host, port, address)
 
     # --- TLS and pools -------------------------------------------------
     def _verify_for(self, host: str) -> bool:
@@ -206,7 +257,11 @@ class Transport:
                     if not verify:
                         kw["cert_reqs"] = ssl.CERT_NONE
                         kw["assert_hostname"] = False
-                pm = urllib3.PoolManager(**kw)
+                if self.options.egress is None:
+                    pm = urllib3.PoolManager(**kw)
+                else:
+                    # Every connection this pool makes checks the address it goes to (sources/egress.py).
+                    pm = CheckedPoolManager(lambda h, p, a, netloc=host: self._check_address(netloc, h, p, a), **kw)
                 self._pools[key] = pm
             return pm
 
@@ -339,6 +394,7 @@ class Transport:
             realm,
             body=body,
             headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": self.options.user_agent},
+            redirect=False,  # as every request here: no hop escapes the egress checks of its own netloc
         )
         if r.status != 200:
             raise AuthError(
@@ -401,6 +457,7 @@ class RegistryClient:
         self.scope = f"repository:{repo}:{actions}"
 
     def url(self, path: str) -> str:
+        self.t.admit_registry(self.host)
         url = f"{self.t.scheme(self.host)}://{self.host}/v2/{self.repo}/{path}"
         if self.namespace is None:
             return url
@@ -468,7 +525,7 @@ class RegistryClient:
                 return r
             body = r.read(65536) if stream else r.data
             r.release_conn()
-            raise self._error(r.status, body, what or f"{method} {path}")
+            raise self._error(r.status, body, what or f"{method} {path}", r.headers.get("Content-Type"))
 
     def _sleep(self, attempt: int, retry_after: float | None) -> None:
         o = self.t.options
@@ -506,8 +563,8 @@ class RegistryClient:
                 headers = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "content-range")}
         raise TransportError(f"too many redirects from {origin}")
 
-    def _error(self, status: int, body: bytes, what: str) -> Exception:
-        detail = oci_error_text(body) or (body[:200].decode("utf-8", "replace").strip() or "no details")
+    def _error(self, status: int, body: bytes, what: str, content_type: str | None = None) -> Exception:
+        detail = error_detail(body, content_type)
         where = f"{self.host}/{self.repo}"
         if status in (401, 403):
             return AuthError(
@@ -732,6 +789,8 @@ class RegistrySource:
         return [self._preferred, *[c for c in self.clients if c is not self._preferred]]
 
     def _try(self, what: str, fn: Callable[[RegistryClient], Any]) -> Any:
+        # The registry the reference names must be admitted, whichever endpoint would serve it.
+        self.transport.admit_registry(self.ref.api_domain)
         failures: list[str] = []
         last: Exception | None = None
         for c in self._ordered():
