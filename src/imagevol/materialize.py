@@ -83,7 +83,7 @@ import stat
 import tarfile
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,10 +120,12 @@ __all__ = [
     "find_snapshot",
     "force_rmtree",
     "materialize",
+    "read_record",
     "remove_snapshot",
     "snapshot_key",
     "snapshots_dir",
     "verify_snapshot",
+    "write_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,9 @@ INFO_PREFIX = ".info-"
 RECORD_PREFIX = ".record-"
 #: Version of the snapshot record format (docs/architecture.md, "Snapshot records").
 RECORD_VERSION = 1
+#: Files at least this large are hashed for the record as the applier writes them (smaller ones are
+#: read again from the page cache when the record is written).
+HASH_AS_WRITTEN_MIN = 1 << 20
 UNTITLED_POLICIES = ("skip", "digest")
 NAME_MAX = 255
 CHUNK = 1 << 20
@@ -542,24 +547,24 @@ def _blob_inode(store: Store, digest: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def make_record(
+def _record_entries(
     store: Store,
     root_fd: int,
     known: dict[tuple[int, int], str],
     hashed: dict[tuple[int, int], tuple[str, int]] | None = None,
-) -> list[list[Any]]:
-    """The record of the tree at ``root_fd``: its root (``"."``) and every entry below, sorted
-    children-first as walked. Regular files carry their content digest: for a hard link to a
-    verified blob (an inode in ``known`` that is still the blob's) the blob's digest; for a file
-    hashed as it was written (``hashed``: inode -> (digest, size), when the size still agrees) that
-    digest; for anything else the sha256 of its bytes, read once per inode."""
-    entries: list[list[Any]] = []
-    by_inode: dict[tuple[int, int], str] = {}
+) -> Iterator[list[Any]]:
+    """The record of the tree at ``root_fd``: every entry below it and then its root (``"."``),
+    children first, names sorted (:func:`_walk_tree`'s order, :func:`_record_order`). Regular files
+    carry their content digest: for a hard link to a verified blob (an inode in ``known`` that is
+    still the blob's) the blob's digest; for a file hashed as it was written (``hashed``: inode ->
+    (digest, size), when the size still agrees) that digest; for anything else the sha256 of its
+    bytes, read once per inode. Nothing is kept per entry but for files with several links."""
+    linked: dict[tuple[int, int], str] = {}
     for dfd, rel, name, st in _walk_tree(root_fd):
         content = None
         if stat.S_ISREG(st.st_mode):
             ino = (st.st_dev, st.st_ino)
-            content = by_inode.get(ino)
+            content = linked.get(ino) if st.st_nlink > 1 else None
             if content is None:
                 blob = known.get(ino)
                 done = hashed.get(ino) if hashed is not None else None
@@ -569,10 +574,78 @@ def make_record(
                     content = done[0]
                 else:
                     content = _hash_at(dfd, name)
-                by_inode[ino] = content
-        entries.append(_entry(dfd, rel, name, st, content))
-    entries.append(_entry(root_fd, ".", ".", os.fstat(root_fd), None))
-    return entries
+                if st.st_nlink > 1:
+                    linked[ino] = content
+        yield _entry(dfd, rel, name, st, content)
+    yield _entry(root_fd, ".", ".", os.fstat(root_fd), None)
+
+
+def write_record(path: Path, header: dict[str, Any], entries: Iterable[list[Any]]) -> int:
+    """Write a snapshot record to ``path`` atomically, one JSON document per line: ``header``
+    (version, key, manifest digest), every entry, then ``{"end": count}``; streamed, so memory does
+    not grow with the number of entries. Returns the number of entries."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, _NEW_FILE, 0o600)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="ascii", buffering=1 << 20) as f:
+            f.write(json.dumps(header, sort_keys=True) + "\n")
+            for e in entries:
+                f.write(json.dumps(e, separators=(",", ":")) + "\n")
+                count += 1
+            f.write(json.dumps({"end": count}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return count
+
+
+def read_record(path: Path, key: str) -> tuple[dict[str, Any], Iterator[list[Any]]] | None:
+    """The header of the record at ``path`` and an iterator over its entries (read as iterated;
+    ValueError from the iterator for a malformed line or a record cut short). None if there is no
+    record; ValueError if its header is not a record of snapshot ``key``."""
+    try:
+        f = open(path, encoding="ascii")  # noqa: SIM115 - closed by the iterator
+    except FileNotFoundError:
+        return None
+    try:
+        header = json.loads(f.readline())
+    except (ValueError, UnicodeDecodeError):
+        f.close()
+        raise ValueError("not a snapshot record") from None
+    if not isinstance(header, dict) or header.get("version") != RECORD_VERSION or header.get("key") != key:
+        f.close()
+        raise ValueError(f"not a version-{RECORD_VERSION} record of this snapshot")
+
+    def entries() -> Iterator[list[Any]]:
+        with f:
+            for count, line in enumerate(f):
+                try:
+                    e = json.loads(line)
+                except (ValueError, UnicodeDecodeError):
+                    raise ValueError(f"malformed entry on line {count + 2}") from None
+                if isinstance(e, dict) and set(e) == {"end"}:
+                    if e["end"] != count or f.readline():
+                        raise ValueError("entry count does not match")
+                    return
+                if not (isinstance(e, list) and len(e) == 7 and isinstance(e[0], str)):
+                    raise ValueError(f"malformed entry on line {count + 2}")
+                yield e
+            raise ValueError("the record is cut short")
+
+    return header, entries()
+
+
+def _record_order(rel: str) -> tuple[tuple[int, str], ...]:
+    """Sort key of :func:`_walk_tree`'s order: names sorted, a directory after its children, the
+    root (``"."``) last."""
+    if rel == ".":
+        return ((1, ""),)
+    return (*((0, c) for c in rel.split("/")), (1, ""))
 
 
 @dataclass
@@ -600,21 +673,6 @@ class SnapshotCheck:
 _MAX_DETAILS = 20
 
 
-def _load_record(snaps: Path, key: str) -> list[list[Any]] | None:
-    """The entries of a snapshot's record; None if there is none; ValueError if it is unreadable."""
-    try:
-        raw = _record_path(snaps, key).read_bytes()
-    except FileNotFoundError:
-        return None
-    doc = json.loads(raw)
-    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION or doc.get("key") != key:
-        raise ValueError("not a version-1 record of this snapshot")
-    entries = doc.get("entries")
-    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) == 7 for e in entries):
-        raise ValueError("malformed entries")
-    return entries
-
-
 def verify_snapshot(
     store: Store,
     key: str,
@@ -626,67 +684,85 @@ def verify_snapshot(
     """Compare the snapshot ``key`` with its record: missing and extra entries, a changed type,
     mode, size, owner or symlink target, and (unless ``quick``) the content digest of every regular
     file. ``trusted(digest, (dev, ino))`` may vouch for a file without reading it (a hard link to a
-    blob that was just verified). Returns the problems found ([] clean), None without a record."""
+    blob that was just verified). The tree and the record are read side by side in one order, so
+    memory does not grow with the number of entries. Returns the problems found ([] clean; the
+    first _MAX_DETAILS and a count of the rest), None without a record."""
     snaps = store.root / SNAPSHOTS
     try:
-        record = _load_record(snaps, key)
+        found = read_record(_record_path(snaps, key), key)
     except (OSError, ValueError) as e:
         return [f"record unreadable: {e}"]
-    if record is None:
+    if found is None:
         return None
-    want: dict[str, list[Any]] = {str(e[0]): e for e in record}
+    _, record = found
     problems: list[str] = []
-    seen: set[str] = set()
+    more = 0
     hashed: dict[tuple[int, int], str] = {}
 
     def note(msg: str) -> None:
-        problems.append(msg)
+        nonlocal more
+        if len(problems) < _MAX_DETAILS:
+            problems.append(msg)
+        else:
+            more += 1
+
+    def compare(exp: list[Any], dfd: int, rel: str, name: str, st: os.stat_result) -> None:
+        got = _entry(dfd, rel, name, st, None)
+        for i, what in ((1, "type"), (2, "mode"), (3, "size"), (4, "uid"), (5, "gid")):
+            if got[i] != exp[i]:
+                shown = (oct(exp[i]), oct(got[i])) if what == "mode" else (exp[i], got[i])
+                note(f"changed: {rel}: {what} {shown[0]} -> {shown[1]}")
+                return
+        if got[1] in ("symlink", "chr", "blk") and got[6] != exp[6]:
+            note(f"changed: {rel}: target {exp[6]!r} -> {got[6]!r}")
+        elif got[1] == "file" and not quick:
+            ino = (st.st_dev, st.st_ino)
+            if isinstance(exp[6], str) and trusted is not None and trusted(exp[6], ino):
+                return
+            digest = hashed.get(ino)
+            if digest is None:
+                try:
+                    alg = Digest(exp[6]).algorithm if isinstance(exp[6], str) else "sha256"
+                except InvalidDigestError:
+                    alg = "sha256"
+                digest = _hash_at(dfd, name, alg)
+                if st.st_nlink > 1:
+                    hashed[ino] = digest
+                if stats is not None:
+                    stats.files_hashed += 1
+                    stats.bytes_hashed += st.st_size
+            if digest != exp[6]:
+                note(f"content: {rel}: {exp[6]} -> {digest}")
 
     try:
         root_fd = os.open(snaps / key, _DIR_FLAGS)
     except OSError as e:
         return [f"snapshot directory unreadable: {e.strerror}"]
     try:
-        walked = [(root_fd, ".", ".", os.fstat(root_fd))]
-        for dfd, rel, name, st in itertools.chain(walked, _walk_tree(root_fd)):
-            seen.add(rel)
-            exp = want.get(rel)
-            if exp is None:
-                note(f"extra: {rel}")
-                continue
-            got = _entry(dfd, rel, name, st, None)
-            for i, what in ((1, "type"), (2, "mode"), (3, "size"), (4, "uid"), (5, "gid")):
-                if got[i] != exp[i]:
-                    shown = (oct(exp[i]), oct(got[i])) if what == "mode" else (exp[i], got[i])
-                    note(f"changed: {rel}: {what} {shown[0]} -> {shown[1]}")
-                    break
+        walk = itertools.chain(_walk_tree(root_fd), [(root_fd, ".", ".", os.fstat(root_fd))])
+        exp = next(record, None)
+        got = next(walk, None)
+        while exp is not None or got is not None:
+            if got is None or (exp is not None and _record_order(exp[0]) < _record_order(got[1])):
+                assert exp is not None
+                note(f"missing: {exp[0]}")
+                exp = next(record, None)
+            elif exp is None or _record_order(got[1]) < _record_order(exp[0]):
+                note(f"extra: {got[1]}")
+                got = next(walk, None)
             else:
-                if got[1] in ("symlink", "chr", "blk") and got[6] != exp[6]:
-                    note(f"changed: {rel}: target {exp[6]!r} -> {got[6]!r}")
-                elif got[1] == "file" and not quick:
-                    ino = (st.st_dev, st.st_ino)
-                    if isinstance(exp[6], str) and trusted is not None and trusted(exp[6], ino):
-                        continue
-                    digest = hashed.get(ino)
-                    if digest is None:
-                        try:
-                            alg = Digest(exp[6]).algorithm if isinstance(exp[6], str) else "sha256"
-                        except InvalidDigestError:
-                            alg = "sha256"
-                        digest = _hash_at(dfd, name, alg)
-                        hashed[ino] = digest
-                        if stats is not None:
-                            stats.files_hashed += 1
-                            stats.bytes_hashed += st.st_size
-                    if digest != exp[6]:
-                        note(f"content: {rel}: {exp[6]} -> {digest}")
+                compare(exp, *got)
+                exp = next(record, None)
+                got = next(walk, None)
+    except ValueError as e:
+        return [f"record unreadable: {e}"]
     except OSError as e:
         note(f"walk failed: {e.strerror or e}: {e.filename or ''}".rstrip(": "))
     finally:
         os.close(root_fd)
-    for rel in want:
-        if rel not in seen:
-            note(f"missing: {rel}")
+        record.close()
+    if more:
+        problems.append(f"... and {more} more")
     return problems
 
 
@@ -735,9 +811,7 @@ def check_snapshots(
                 continue
             if not problems:
                 continue
-            res.damaged[key] = problems[:_MAX_DETAILS] + (
-                [f"... and {len(problems) - _MAX_DETAILS} more"] if len(problems) > _MAX_DETAILS else []
-            )
+            res.damaged[key] = problems
             if key in users:
                 res.in_use[key] = users[key]
             elif repair and remove_snapshot(store, key) is not None:
@@ -941,6 +1015,8 @@ class _FileHashes:
 
     def __init__(self) -> None:
         self.done: dict[tuple[int, int], tuple[str, int]] = {}
+        # Inodes given a sink so far (main thread): a small file reusing one must reset it.
+        self._given: set[tuple[int, int]] = set()
         # (inode, data): None starts a file (a reused inode forgets its earlier file), b"" ends it.
         self._q: queue.Queue[tuple[tuple[int, int], bytes | None] | None] = queue.Queue(maxsize=16)
         self._thread: threading.Thread | None = None
@@ -974,11 +1050,28 @@ class _FileHashes:
             self._thread.start()
         self._q.put(item)
 
-    def sink(self, fd: int) -> _FileSink:
+    def sink(self, fd: int, size: int) -> _FileSink | None:
+        """A sink for the new file `fd` of `size` bytes; None (nothing kept) below
+        HASH_AS_WRITTEN_MIN: small files are hashed again when the record is written, so what is
+        kept here grows with the bytes written, not with the number of files."""
         st = os.fstat(fd)
         ino = (st.st_dev, st.st_ino)
+        if size < HASH_AS_WRITTEN_MIN:
+            if ino in self._given:
+                self._put((ino, None))  # a reused inode forgets its earlier file
+                self._given.discard(ino)
+            return None
+        self._given.add(ino)
         self._put((ino, None))
         return _FileSink(self, ino)
+
+    def forget(self, fd: int) -> None:
+        """`fd` is a new file not hashed as written: forget what an earlier file of its inode had."""
+        st = os.fstat(fd)
+        ino = (st.st_dev, st.st_ino)
+        if ino in self._given:
+            self._put((ino, None))
+            self._given.discard(ino)
 
     def finish(self) -> None:
         """Wait until everything written so far is hashed (idempotent; the thread ends)."""
@@ -1132,7 +1225,7 @@ class _Builder:
     def _copy_blob(self, layer: Descriptor, pfd: int, name: str, mode: int, compression: str, what: str) -> None:
         dfd = os.open(name, _NEW_FILE, 0o600, dir_fd=pfd)
         try:
-            self.hashes.sink(dfd)  # not hashed as copied: forget what an earlier file of this inode had
+            self.hashes.forget(dfd)  # not hashed as copied
             with self.store.open_blob(layer.digest) as f:
                 if compression == "none":
                     copy_fd(f.fileno(), dfd)
@@ -1646,15 +1739,13 @@ def materialize(
             try:
                 files = builder.run(fl)
                 builder.hashes.finish()
-                record = make_record(store, builder.root_fd, builder.known, builder.hashes.done)
+                write_record(
+                    _record_path(snaps, key),
+                    {"version": RECORD_VERSION, "key": key, "digest": str(manifest.digest)},
+                    _record_entries(store, builder.root_fd, builder.known, builder.hashes.done),
+                )
             finally:
                 builder.close()
-            _write_info(
-                snaps,
-                key,
-                {"version": RECORD_VERSION, "key": key, "digest": str(manifest.digest), "entries": record},
-                path=_record_path(snaps, key),
-            )
             info = {
                 "flavour": fl,
                 "files": files,

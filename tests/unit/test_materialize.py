@@ -790,7 +790,12 @@ def test_undeletable_leftover_build_does_not_block_other_builds(store: Store, b:
 
 # -- snapshot records and their check (issue item 2) -----------------------------------------------
 def _record(store: Store, key: str) -> dict[str, Any]:
-    return json.loads((store.root / "snapshots" / f".record-{key}.json").read_bytes())
+    from imagevol.materialize import read_record
+
+    found = read_record(store.root / "snapshots" / f".record-{key}.json", key)
+    assert found is not None
+    header, entries = found
+    return {**header, "entries": list(entries)}
 
 
 def _mixed(store: Store, b: Builder) -> Manifest:
@@ -897,6 +902,61 @@ def test_check_finds_damage_and_repair_drops_the_snapshot(
     again = materialize(store, m)
     assert again.created and tree(again.path)["d/f"] == "file"
     assert check_snapshots(store).damaged == {}
+
+
+@pytest.mark.parametrize(
+    ("cut", "needle"),
+    [
+        (lambda lines: lines[:-1], "cut short"),  # the end line lost
+        (lambda lines: lines[:-3] + lines[-1:], "entry count does not match"),
+        (lambda lines: [*lines[:2], "[1, 2]\n", *lines[2:]], "malformed entry on line 3"),
+    ],
+    ids=["no-end", "entries-lost", "malformed-line"],
+)
+def test_a_damaged_record_is_unreadable(store: Store, b: Builder, cut: Any, needle: str) -> None:
+    from imagevol.materialize import check_snapshots
+
+    snap = materialize(store, _mixed(store, b))
+    path = store.root / "snapshots" / f".record-{snap.key}.json"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(cut(lines)))
+    res = check_snapshots(store)
+    assert list(res.damaged) == [snap.key] and len(res.damaged[snap.key]) == 1, res.damaged
+    assert res.damaged[snap.key][0].startswith("record unreadable") and needle in res.damaged[snap.key][0]
+
+
+def test_problems_are_capped_and_counted(store: Store, b: Builder) -> None:
+    """A snapshot with 50 files gone lists 20 of them and counts the rest (memory stays flat in
+    the damage too)."""
+    from imagevol.materialize import check_snapshots
+
+    m = b.image([tar([(f"f{i:02d}", b"x") for i in range(50)])])
+    snap = materialize(store, m)
+    os.chmod(snap.path, 0o755)
+    for i in range(50):
+        (snap.path / f"f{i:02d}").unlink()
+    problems = check_snapshots(store).damaged[snap.key]
+    assert problems[:2] == ["missing: f00", "missing: f01"] and len(problems) == 21
+    assert problems[-1] == "... and 30 more"
+
+
+def test_large_files_are_hashed_as_written_small_ones_when_recorded(
+    store: Store, b: Builder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files of HASH_AS_WRITTEN_MIN bytes or more are hashed from the data the applier writes (no
+    re-read); smaller ones are read once when the record is written, so nothing is kept per file."""
+    import imagevol.materialize as mat
+
+    big = os.urandom(mat.HASH_AS_WRITTEN_MIN) + b"tail"
+    m = b.image([tar([("big.bin", big), ("small.txt", b"small"), ("d/", None)])])
+    read: list[str] = []
+    real = mat._hash_at
+    monkeypatch.setattr(mat, "_hash_at", lambda dfd, name, *a: read.append(name) or real(dfd, name, *a))
+    snap = materialize(store, m)
+    assert read == ["small.txt"]
+    entries = {e[0]: e for e in _record(store, snap.key)["entries"]}
+    assert entries["big.bin"][6] == sha(big) and entries["small.txt"][6] == sha(b"small")
+    assert [e[0] for e in _record(store, snap.key)["entries"]] == ["big.bin", "d", "small.txt", "."]
 
 
 def _record_mode(store: Store, key: str, rel: str) -> int:

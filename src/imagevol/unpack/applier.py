@@ -685,8 +685,8 @@ class FileSink(Protocol):
 
 
 class _Applier:
-    #: file_sink(fd of the new file) for every regular file written (see apply_layer).
-    file_sink: Callable[[int], FileSink] | None = None
+    #: file_sink(fd of the new file, its size) for every regular file written (see apply_layer).
+    file_sink: Callable[[int, int], FileSink | None] | None = None
 
     def __init__(self, root: str | os.PathLike[str], options: ApplyOptions, warn: Callable[[str], None] | None) -> None:
         self.opts = options
@@ -1030,7 +1030,7 @@ class _Applier:
         fd = os.open(base, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
         try:
             self._mark(key, False)
-            sink = self.file_sink(fd) if self.file_sink is not None else None
+            sink = self.file_sink(fd, e.size) if self.file_sink is not None else None
             dfd = reopen_direct(fd) if e.size >= DIRECT_MIN else None
             if dfd is not None:
                 try:
@@ -1238,12 +1238,13 @@ def apply_layer(
     compression: str | None = None,
     options: ApplyOptions | None = None,
     warn: Callable[[str], None] | None = None,
-    file_sink: Callable[[int], FileSink] | None = None,
+    file_sink: Callable[[int, int], FileSink | None] | None = None,
 ) -> ApplyStats:
     """Apply one layer (a tar stream, compressed or not) onto the directory `root`.
 
-    `file_sink(fd)`, when given, is called for every regular file created (its new descriptor)
-    and sees the file's data as it is written (the snapshot record hashes files this way).
+    `file_sink(fd, size)`, when given, is called for every regular file created (its new
+    descriptor and the size its entry declares); the sink it returns, if any, sees the file's data
+    as it is written (the snapshot record hashes large files this way).
 
     `root` may already hold lower layers. `compression` is 'gzip', 'zstd' or 'none'; None sniffs.
     Warnings (skipped entries) go to `warn` (else the log) and to ``ApplyStats.skipped``.
