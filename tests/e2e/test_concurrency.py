@@ -212,11 +212,14 @@ def test_rm_and_gc_cannot_pull_content_from_under_a_mount(registry, iv: Imagevol
             assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "mount.log").read_text()
             time.sleep(0.01)
         assert iv.run("rm", img.ref).returncode == 0  # no volume yet: allowed
-        assert iv.run("gc").returncode == 0
+        # gc waits for the mount (which holds the gc lock shared until its volume is recorded).
+        g = iv.popen("gc", log=tmp_path / "gc.log")
+        time.sleep(2)
+        assert g.poll() is None, "gc did not wait for the mount: " + (tmp_path / "gc.log").read_text()
     finally:
         Path(mark + ".go").touch()
     try:
-        assert wait_all([p]) == [0], (tmp_path / "mount.log").read_text()
+        assert wait_all([p, g]) == [0, 0], (tmp_path / "mount.log").read_text() + (tmp_path / "gc.log").read_text()
         assert content_ok(target, img.files)
     finally:
         iv.unmount(target)  # no bind mount outlives the test

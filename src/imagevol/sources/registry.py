@@ -688,18 +688,6 @@ class RegistryClient:
             raise SizeMismatchError.of(f"blob {digest}", f"registry {self.host}/{self.repo}", size, served)
         return r
 
-
-def served_size(resp: urllib3.BaseHTTPResponse) -> int | None:
-    """The size of the whole blob a response says it serves: the total of a 206's Content-Range, the
-    Content-Length of a 200 (of an unencoded body); None when the response does not say."""
-    if resp.status == 206:
-        total = resp.headers.get("Content-Range", "").rpartition("/")[2].strip()
-    elif resp.headers.get("Content-Encoding", "identity").strip().lower() == "identity":
-        total = resp.headers.get("Content-Length", "").strip()
-    else:
-        return None
-    return int(total) if total.isdigit() else None
-
     def confirm(self, digest: Digest, *, manifest: bool = False, sample: tuple[int, bytes] = (0, b"")) -> bool:
         """Whether this repository serves `digest` to these credentials: True if it does, False if
         the registry answers 401, 403 or 404, or serves other bytes.
@@ -734,6 +722,18 @@ def served_size(resp: urllib3.BaseHTTPResponse) -> int | None:
             if e.status is not None and 400 <= e.status < 500 and e.status != 429:
                 return False
             raise
+
+
+def served_size(resp: urllib3.BaseHTTPResponse) -> int | None:
+    """The size of the whole blob a response says it serves: the total of a 206's Content-Range, the
+    Content-Length of a 200 (of an unencoded body); None when the response does not say."""
+    if resp.status == 206:
+        total = resp.headers.get("Content-Range", "").rpartition("/")[2].strip()
+    elif resp.headers.get("Content-Encoding", "identity").strip().lower() == "identity":
+        total = resp.headers.get("Content-Length", "").strip()
+    else:
+        return None
+    return int(total) if total.isdigit() else None
 
 
 class _ResponseReader:
