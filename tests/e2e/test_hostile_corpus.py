@@ -61,13 +61,6 @@ def client(registry) -> oci.Client:
 
 
 @pytest.fixture
-def iv(tmp_path: Path) -> Iterator[Imagevol]:
-    c = Imagevol(tmp_path / "store", tmp_path / "home", watch=[tmp_path])
-    yield c
-    c.cleanup()
-
-
-@pytest.fixture
 def guard(tmp_path: Path, iv: Imagevol) -> Iterator[HostGuard]:
     """Snapshot of what must not change; checked when the test body is done."""
     sentinel = make_sentinel(tmp_path / "sentinel")

@@ -34,13 +34,6 @@ HANG_GUARD = 20  # seconds: a mount that hangs on a FIFO is killed and the test 
 
 
 @pytest.fixture
-def iv(tmp_path: Path) -> Iterator[Imagevol]:
-    c = Imagevol(tmp_path / "store", tmp_path / "home", watch=[tmp_path])
-    yield c
-    c.cleanup()
-
-
-@pytest.fixture
 def guard(tmp_path: Path, iv: Imagevol) -> Iterator[HostGuard]:
     sentinel = make_sentinel(tmp_path / "sentinel")
     (tmp_path / "mnt").mkdir()

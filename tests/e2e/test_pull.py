@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -240,19 +239,6 @@ def small(registry: Registry) -> Artifact:
 
 def _blob_of(art: Artifact, size_at_least: int) -> tuple[str, int]:
     return next((d, n) for d, n in sorted(art.blobs.items(), key=lambda x: x[1]) if n >= size_at_least)
-
-
-@pytest.fixture(scope="module")
-def module_proxy(registry: Registry) -> Iterator[Proxy]:
-    with Proxy(registry.url) as p:
-        yield p
-
-
-@pytest.fixture
-def px(module_proxy: Proxy) -> Iterator[Proxy]:
-    module_proxy.reset()
-    yield module_proxy
-    module_proxy.reset()
 
 
 # --------------------------------------------------------------------------- TLS and auth

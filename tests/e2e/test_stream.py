@@ -7,13 +7,12 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import oci
-from tests.support.clirun import Imagevol, content_ok
+from tests.support.clirun import Imagevol, content_ok, refused
 from tests.support.proxy import Fault, Proxy
 from tests.support.registry import Registry
 from tests.support.tars import E, gz, push_image, tar_layer
@@ -59,31 +58,6 @@ def bomb(registry: Registry) -> Img:
     return Img(registry, "stream/bomb", [tar_layer([E(n, d) for n, d in sorted(files.items())])], files)
 
 
-@pytest.fixture(scope="module")
-def module_proxy(registry: Registry) -> Iterator[Proxy]:
-    with Proxy(registry.url) as p:
-        yield p
-
-
-@pytest.fixture
-def px(module_proxy: Proxy) -> Iterator[Proxy]:
-    module_proxy.reset()
-    yield module_proxy
-    module_proxy.reset()
-
-
-@pytest.fixture
-def iv(tmp_path: Path) -> Iterator[Imagevol]:
-    c = Imagevol(tmp_path / "store", tmp_path / "home", watch=[tmp_path])
-    yield c
-    c.cleanup()
-
-
-def _refused(r, *codes: int) -> None:
-    assert r.returncode in codes, f"exit {r.returncode}, wanted {codes}:\n{r.stdout}\n{r.stderr}"
-    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-
-
 def _nothing_left(iv: Imagevol, target: Path) -> None:
     assert iv.volumes() == []
     assert iv.snapshot_dirs() == []
@@ -123,7 +97,7 @@ def test_a_streamed_layer_listed_twice(registry: Registry, px: Proxy, iv: Imagev
 def test_wrong_bytes_in_the_streamed_layer_leave_nothing(image: Img, px: Proxy, iv: Imagevol, tmp_path: Path) -> None:
     px.fault = Fault(match=image.blobs[1], wrong_bytes=True, flip_offset=5 * MiB + 3)
     r = iv.mount(image.ref(px.host), tmp_path / "a")
-    _refused(r, 4)
+    refused(r, 4)
     assert "digest" in r.stderr.lower()
     assert px.fault_hits >= 1
     assert not iv.blob(image.blobs[1]).exists()
@@ -159,7 +133,7 @@ def test_refused_layer_stops_the_pull_and_leaves_nothing(bomb: Img, px: Proxy, i
     size = len(gz(tar_layer([E(n, d) for n, d in sorted(bomb.files.items())])))
     px.rate_limit = MiB
     r = iv.mount(bomb.ref(px.host), tmp_path / "a", "--max-ratio", "2")
-    _refused(r, 4)
+    refused(r, 4)
     assert "max_ratio" in r.stderr
     assert px.bytes_for(digest) < size * 0.75, (px.bytes_for(digest), size)
     assert not iv.blob(digest).exists()

@@ -19,13 +19,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import oci
-from tests.support.clirun import Imagevol
+from tests.support.clirun import Imagevol, refused
 from tests.support.layout import LayoutWriter
 from tests.support.proxy import Fault, Proxy
 from tests.support.registry import Registry
@@ -38,31 +37,6 @@ MiB = 1 << 20
 TITLE = "org.opencontainers.image.title"
 ARTIFACT_TYPE = "application/vnd.example.model.v1"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-
-
-@pytest.fixture(scope="module")
-def module_proxy(registry: Registry) -> Iterator[Proxy]:
-    with Proxy(registry.url) as p:
-        yield p
-
-
-@pytest.fixture
-def px(module_proxy: Proxy) -> Iterator[Proxy]:
-    module_proxy.reset()
-    yield module_proxy
-    module_proxy.reset()
-
-
-@pytest.fixture
-def iv(tmp_path: Path) -> Iterator[Imagevol]:
-    c = Imagevol(tmp_path / "store", tmp_path / "home", watch=[tmp_path])
-    yield c
-    c.cleanup()
-
-
-def _refused(r, *codes: int) -> None:
-    assert r.returncode in codes, f"exit {r.returncode}, wanted {codes}:\n{r.stdout}\n{r.stderr}"
-    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
 
 
 def _no_retry(px: Proxy, digest: str, streams: int) -> None:
@@ -123,7 +97,7 @@ def test_size_mismatch_is_refused_at_once(
     )
     args = ("--streams", "4", "--part-size", "1") if ranged else ()
     r = iv.pull(f"{px.host}/{repo}:v1", *args)
-    _refused(r, 4)
+    refused(r, 4)
     assert "size mismatch" in r.stderr, r.stderr
     assert f"states {len(lying) + delta} bytes" in r.stderr, r.stderr
     assert "serves different content than the manifest describes" in r.stderr, r.stderr
@@ -147,7 +121,7 @@ def test_size_mismatch_of_an_index_child_manifest(registry: Registry, px: Proxy,
     idx, _ = oci.make_index([entry])
     c.push_manifest(repo, "v1", idx, oci.OCI_INDEX)
     r = iv.pull(f"{px.host}/{repo}:v1", "--platform-policy", "any")
-    _refused(r, 4)
+    refused(r, 4)
     assert "size mismatch" in r.stderr and f"manifest {digest}" in r.stderr, r.stderr
     assert len([q for q in px.requests_for(f"manifests/{digest}") if q.method == "GET"]) == 1
     iv.fsck()
@@ -166,7 +140,7 @@ def test_size_mismatch_of_a_body_without_length(iv: Imagevol, real: int) -> None
         body, _ = oci.make_artifact_manifest(ARTIFACT_TYPE, [lay])
         rogue.manifest("evil/short", "v1", body, oci.OCI_MANIFEST)
         r = iv.pull(f"{rogue.host}/evil/short:v1")
-        _refused(r, 4)
+        refused(r, 4)
         assert "size mismatch" in r.stderr and f"serves {real}" in r.stderr, r.stderr
         assert rogue.requests.count(("GET", f"/v2/evil/short/blobs/{digest}")) == 1, rogue.requests
     iv.fsck()
@@ -200,7 +174,7 @@ def test_size_mismatch_of_the_layer_streamed_under_extraction(
     _, blob = _image_with_lying_layer(registry, repo, delta)
     target = tmp_path / "vol"
     r = iv.mount(f"{px.host}/{repo}:v1", target)
-    _refused(r, 4)
+    refused(r, 4)
     assert "size mismatch" in r.stderr, r.stderr
     _no_retry(px, blob, 1)
     assert iv.volumes() == [] and iv.snapshot_dirs() == []
@@ -224,7 +198,7 @@ def test_size_mismatch_in_an_oci_layout(iv: Imagevol, tmp_path: Path, what: str)
         desc["size"] += 1
     lw.tag(desc, "v1")
     r = iv.pull(f"oci:{tmp_path / 'layout'}:v1", "--retries", "0")
-    _refused(r, 4)
+    refused(r, 4)
     assert "size mismatch" in r.stderr, r.stderr
     iv.fsck()
 

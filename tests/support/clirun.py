@@ -204,6 +204,13 @@ class Imagevol:
         assert not still, f"still mounted: {sorted(still)}"
 
 
+def refused(r: subprocess.CompletedProcess[str], *codes: int) -> None:
+    """Exit status in ``codes``, one ``error:`` line first, no traceback (the message itself may
+    speak of unexpected content, unlike :func:`clear_error`)."""
+    assert r.returncode in codes, f"exit {r.returncode}, wanted {codes}:\n{r.stdout}\n{r.stderr}"
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
 def clear_error(r: subprocess.CompletedProcess[str], *codes: int) -> None:
     """Exit status in ``codes``, one ``error:`` line first, no traceback."""
     assert r.returncode in codes, f"exit {r.returncode}, wanted {codes}:\n{r.stdout}\n{r.stderr}"

@@ -224,21 +224,14 @@ class LayoutSink:
         bdir.mkdir(parents=True, exist_ok=True)
         tmp = bdir / f".tmp-{os.getpid()}-{os.urandom(6).hex()}"
         sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+        def fill(fd: int) -> None:
+            n = size if reflink(sfd, fd) else copy_fd(sfd, fd)
+            if n != size:
+                raise DigestMismatchError(f"{src} is {n} bytes, expected {size} for {d}")
+
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-            try:
-                try:
-                    n = size if reflink(sfd, fd) else copy_fd(sfd, fd)
-                    if n != size:
-                        raise DigestMismatchError(f"{src} is {n} bytes, expected {size} for {d}")
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.blob_path(d))
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                raise
+            self._finish_tmp(tmp, d, fill)
         finally:
             os.close(sfd)
 
