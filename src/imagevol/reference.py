@@ -185,7 +185,7 @@ class Reference:
         if path.startswith(OFFICIAL_REPO_PREFIX) and "/" not in path[len(OFFICIAL_REPO_PREFIX) :]:
             return path[len(OFFICIAL_REPO_PREFIX) :]
         first = path.split("/", 1)[0]
-        if "." in first or ":" in first or first == "localhost":
+        if is_domain(first):
             return self.repository  # dropping docker.io would make `first` read as a domain
         return path
 
@@ -223,10 +223,19 @@ class Reference:
         return self.digest if self.digest is not None else self.tag
 
 
+def is_domain(component: str) -> bool:
+    """True when a name's first path component (followed by "/") names a registry host.
+
+    distribution/reference's rule, with newer docker/reference's uppercase case: it contains "." or ":", is
+    "localhost", or has uppercase letters (a repository path never does). The one place this is decided.
+    """
+    return component == "localhost" or "." in component or ":" in component or component.lower() != component
+
+
 def _split_domain(name: str) -> tuple[str, str, str]:
     """Split a name into (domain, normalized path, path as the user wrote it)."""
     first, slash, rest = name.partition("/")
-    if slash and (first == "localhost" or "." in first or ":" in first or first.lower() != first):
+    if slash and is_domain(first):
         domain, remote = first, rest
         if domain == LEGACY_DEFAULT_DOMAIN:
             domain = DEFAULT_DOMAIN
@@ -504,7 +513,7 @@ def runtime_reference(s: str) -> RuntimeReference:
     else:
         if first == LEGACY_DEFAULT_DOMAIN:
             domain, remainder = DEFAULT_DOMAIN, rest
-        elif first == "localhost" or ":" in first or "." in first or first.lower() != first:
+        elif is_domain(first):
             domain, remainder = first, rest
         else:
             domain, remainder = DEFAULT_DOMAIN, s

@@ -675,3 +675,27 @@ def test_parse_any_invalid(text: str, needle: str) -> None:
     with pytest.raises(InvalidReferenceError) as info:
         parse_any(text)
     assert needle in str(info.value)
+
+
+def test_is_domain_one_rule_for_every_caller():
+    """One function decides whether a first component is a registry host (issue 16: it was written five times)."""
+    from imagevol.reference import is_domain
+
+    for host in ("localhost", "ghcr.io", "registry:5000", "[::1]:5000", "Registry"):
+        assert is_domain(host), host
+    for path in ("library", "user", "org-name", "a_b"):
+        assert not is_domain(path), path
+
+
+def test_push_mount_from_uppercase_first_component_is_another_registry():
+    """`--mount-from Other/repo` names a registry host by the uppercase rule, as `parse_reference` reads it.
+
+    The sink's copy of the rule lacked the uppercase case, so it asked this registry to mount a repository
+    `Other/repo` (not a valid repository name) instead of ignoring the source on another registry.
+    """
+    from imagevol.reference import parse_reference
+    from imagevol.sinks.registry import RegistrySink
+
+    assert parse_reference("Other/repo:v1").domain == "Other"
+    sink = RegistrySink(parse_reference("127.0.0.1:5000/me/app:v1"), mount_from=["Other/repo", "lib/base"])
+    assert sink.mount_from == ["lib/base"]

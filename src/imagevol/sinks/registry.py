@@ -35,7 +35,7 @@ import urllib3
 from ..digest import Digest, digest_bytes
 from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryError, TransportError, UsageError
 from ..manifest import Descriptor
-from ..reference import Reference
+from ..reference import Reference, is_domain
 from ..sources.registry import RegistryClient, RegistryOptions, Transport, error_detail
 from . import PIECE, Blob, PushStats
 
@@ -102,7 +102,7 @@ class RegistrySink:
                     break
             else:
                 first = v.split("/", 1)[0]
-                if "/" in v and ("." in first or ":" in first or first == "localhost"):
+                if "/" in v and is_domain(first):
                     log.warning("mount source %s is on another registry: ignored", v)
                     continue
             v = v.split("@", 1)[0]

@@ -6,7 +6,7 @@ from typing import Any, BinaryIO
 
 from ..errors import AuthError, NotFoundError
 from ..manifest import Descriptor, Index, Manifest
-from ..reference import LayoutReference, Reference, parse_any, parse_reference
+from ..reference import LayoutReference, Reference, is_domain, parse_any, parse_reference
 from .base import Source
 from .layout import LayoutSource
 from .registry import RegistryEndpoint, RegistryOptions, RegistrySource, Transport
@@ -43,7 +43,7 @@ def is_short_name(s: str) -> bool:
     if s.startswith(("oci:", "docker://")):
         return False
     first, slash, _ = s.split("@", 1)[0].partition("/")
-    return not (slash and (first == "localhost" or "." in first or ":" in first or first.lower() != first))
+    return not (slash and is_domain(first))
 
 
 class SearchSource:

@@ -53,12 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .digest import Digest
-from .errors import BusyError, ImagevolError, NotFoundError, StoreError, UsageError
-from .fsutil import reflink
-from .materialize import Snapshot, copy_fd, force_rmtree
-from .store import Store, VolumeRecord
-from .store.meta import pid_alive
+from ..digest import Digest
+from ..errors import BusyError, ImagevolError, NotFoundError, StoreError, UsageError
+from ..fsutil import reflink
+from ..materialize import Snapshot, copy_fd, force_rmtree
+from ..store import Store, VolumeRecord
+from ..store.meta import pid_alive
 
 __all__ = [
     "MODES",
