@@ -285,7 +285,7 @@ POINTS = [
     Point("mount-recorded-no-lease", "mount", "imagevol.store.meta:Meta.add_volume@after"),
     Point("unmount-unmounted-not-forgotten", "unmount", "imagevol.volume:_umount@after"),
     Point("gc-mid-blob-sweep", "gc", "imagevol.store.blobs:Store.remove_blob@after#2"),
-    Point("gc-mid-snapshot-delete", "gc", "imagevol.materialize:_open_for_removal@before#4"),
+    Point("gc-mid-snapshot-delete", "gc", "imagevol.fstree:_open_for_removal@before#4"),
 ]
 
 

@@ -11,7 +11,7 @@ that a test can run another command inside it. Examples::
 
     imagevol.volume:_bind@after              # the bind mount exists, nothing recorded yet
     imagevol.store.ingest:Ingest.commit@after#2
-    imagevol.materialize:_open_for_removal@before#3  # gc is half way through deleting a snapshot
+    imagevol.fstree:_open_for_removal@before#3  # gc is half way through deleting a snapshot
     imagevol.mount:pull@after:pause=/tmp/x    # a mount has its content, holds no lease yet
 
 A point that is never reached lets the command finish normally: callers check the exit status

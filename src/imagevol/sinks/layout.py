@@ -218,7 +218,7 @@ class LayoutSink:
     def _clone(self, src: Path, d: Digest, size: int) -> None:
         """``src`` as the blob ``d``: a reflink (no bytes written) or an in-kernel copy, in a file
         of the layout's own (0644), renamed into place."""
-        from ..materialize import copy_fd
+        from ..fstree import copy_fd
 
         bdir = self.path / "blobs" / d.algorithm
         bdir.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,9 @@ from typing import Any
 
 from ..digest import Digest
 from ..errors import BusyError, ImagevolError, NotFoundError, StoreError, UsageError
+from ..fstree import copy_fd, force_rmtree
 from ..fsutil import reflink
-from ..materialize import Snapshot, copy_fd, force_rmtree
+from ..materialize import Snapshot
 from ..store import Store, VolumeRecord
 from ..store.meta import pid_alive
 
