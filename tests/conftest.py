@@ -7,7 +7,7 @@ and stopped at the end of the session.
 - ``token_registry``: HTTP + Bearer tokens from ``reg.token_server`` (a TokenServer)
 
 A missing ``/usr/bin/docker-registry`` fails these fixtures, or skips them when
-``IMAGEVOL_ALLOW_SKIP=1``.
+``IMAGEVOL_ALLOW_SKIP=1`` (``tests/support/need.py``; so does a ``root_only`` test run as a user).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from tests.support.need import ROOT_MARK, need_root, unavailable  # noqa: E402
 from tests.support.registry import (  # noqa: E402
     Registry,
     RegistryUnavailable,
@@ -34,21 +35,27 @@ from tests.support.registry import (  # noqa: E402
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"{ROOT_MARK}(why): the test needs root (tests/support/need.py)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    mark = item.get_closest_marker(ROOT_MARK)
+    if mark is not None:
+        need_root(*mark.args)
+
+
 def _start(root: Path, name: str, **kw) -> Registry:
     if not registry_available():
         msg = (
             f"registry binary {registry_binary()} is missing: install Debian's docker-registry package "
             "(apt-get install docker-registry) or set IMAGEVOL_REGISTRY_BIN"
         )
-        if os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg, pytrace=False)
+        unavailable(msg)
     try:
         return Registry.start(root / name, **kw)
     except RegistryUnavailable as e:
-        if os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1":
-            pytest.skip(str(e))
-        pytest.fail(str(e), pytrace=False)
+        unavailable(str(e))
 
 
 @pytest.fixture(scope="session", autouse=True)

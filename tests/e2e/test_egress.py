@@ -39,6 +39,7 @@ import pytest
 from tests.e2e.test_csi import Plugin, publish_request, rpc_error
 from tests.support import oci
 from tests.support.clirun import Imagevol
+from tests.support.need import unavailable
 from tests.support.proxy import Fault, Proxy
 from tests.support.registry import Registry
 
@@ -173,7 +174,7 @@ def _global_ipv4() -> str:
     out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True)
     addrs = [line.split()[3].split("/")[0] for line in out.stdout.splitlines() if len(line.split()) > 3]
     if not addrs:
-        pytest.skip("this host has no global IPv4 address to listen on")
+        unavailable("this host has no global IPv4 address to listen on")
     return addrs[0]
 
 

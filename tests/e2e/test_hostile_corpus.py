@@ -38,6 +38,7 @@ from tests.support.clirun import HostGuard, Imagevol, clear_error, make_sentinel
 from tests.support.corpus import OCI_LAYER, OCI_LAYER_ZSTD, T
 from tests.support.deeptree import rm_deep
 from tests.support.layout import LayoutWriter, dumps
+from tests.support.need import need_tool
 from tests.support.rogue import RogueRegistry, sha256_digest
 from tests.support.tars import TITLE, push_artifact, push_image
 
@@ -476,8 +477,7 @@ def _setuid_image(client: oci.Client, repo: str) -> None:
 
 
 def _euid_as_nobody(binary: Path) -> str:
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is needed to run a file as nobody")
+    need_tool("setpriv")
     r = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(binary), "-u"],
         capture_output=True,

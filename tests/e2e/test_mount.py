@@ -31,6 +31,7 @@ import pytest
 
 from tests.support import fixtures as core
 from tests.support.models import docker_model, kitops, modelpack
+from tests.support.need import need_tool
 from tests.support.oci import Client
 from tests.support.tars import TITLE, E, gz, push_artifact, push_image, tar_layer
 from tests.support.trees import compare, file_sha256, hardlink_groups, listing, scan, whiteouts
@@ -848,8 +849,7 @@ def world(cli) -> Iterator[Path]:
     """A directory every user can traverse (pytest's tmp dirs are 0700), for `bob` (uid 1000)."""
     import tempfile
 
-    if shutil.which("setpriv") is None:
-        pytest.fail("setpriv (util-linux) is needed to act as an unprivileged user")
+    need_tool("setpriv")
     d = Path(tempfile.mkdtemp(prefix="imagevol-trust-", dir="/tmp"))
     os.chmod(d, 0o755)
     yield d

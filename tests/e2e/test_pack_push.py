@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +17,14 @@ import pytest
 from imagevol.pack import DEFAULT_PLATFORMS, TREE_TITLE, pack
 from imagevol.sources.credentials import Credential
 from imagevol.sources.registry import RegistryOptions
+from tests.support.need import need_tool
 from tests.support.trees import compare, scan
 
 pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
 TIMEOUT = 180
-# Runs the CLI with the pack command registered, whether or not cli.py imports it yet.
-CLI = [sys.executable, "-c", "import imagevol.cli_pack; from imagevol.cli import main; main()"]
+CLI = [sys.executable, "-m", "imagevol"]
 
 
 def imagevol(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -40,13 +39,6 @@ def run(*cmd: str) -> subprocess.CompletedProcess[str]:
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        if os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1":
-            pytest.skip(f"{tool} is not installed")
-        pytest.fail(f"{tool} is not installed (./dev setup installs it)", pytrace=False)
 
 
 def make_model(root: Path, *, shard: int = 3 * MiB) -> Path:
@@ -101,7 +93,7 @@ def skopeo_raw(registry, ref: str) -> dict:
 
 
 def test_image_index_has_every_platform_with_the_same_layers(registry, model: Path, unique_repo: str) -> None:
-    need("skopeo")
+    need_tool("skopeo")
     ref = f"{registry.host}/{unique_repo}:v1"
     r = imagevol("pack", str(model), ref, "--large-file-size", "1", "--progress", "none")
     lines = r.stdout.splitlines()
@@ -142,8 +134,8 @@ def test_image_index_has_every_platform_with_the_same_layers(registry, model: Pa
 def test_image_copied_by_skopeo_and_unpacked_by_umoci_equals_the_source(
     registry, model: Path, unique_repo: str, tmp_path: Path, compression: str
 ) -> None:
-    need("skopeo")
-    need("umoci")
+    need_tool("skopeo")
+    need_tool("umoci")
     ref = f"{registry.host}/{unique_repo}:t"
     res = pack(model, ref, platforms=["linux/amd64", "linux/arm64"], compression=compression, large_file_size=1 * MiB)
     assert res.blobs_pushed == 5  # small-files layer, two shard layers, two configs
@@ -173,7 +165,8 @@ def test_agnostic_image_explained(registry, model: Path, unique_repo: str) -> No
 
 
 def test_artifact_pulled_by_oras_gives_the_files(registry, model: Path, unique_repo: str, tmp_path: Path) -> None:
-    oras_client = pytest.importorskip("oras.client")
+    import oras.client as oras_client
+
     ref = f"{registry.host}/{unique_repo}:art"
     res = pack(model, ref, format="artifact", artifact_type="application/vnd.example.model.v1")
     assert res.media_type == "application/vnd.oci.image.manifest.v1+json"
@@ -349,8 +342,8 @@ def test_large_blobs_are_hashed_while_they_upload(
 def test_image_layers_stream_from_the_files(registry, tmp_path: Path, unique_repo: str) -> None:
     """An uncompressed image layer is sent from the file it holds (tar header, the file, padding),
     hashed on the way; umoci unpacks what skopeo copies of it."""
-    need("skopeo")
-    need("umoci")
+    need_tool("skopeo")
+    need_tool("umoci")
     from imagevol.reference import parse_reference
     from imagevol.sinks.registry import RegistrySink
 
@@ -424,8 +417,8 @@ def test_push_with_token_auth(token_registry, model: Path, unique_repo: str) -> 
 
 
 def test_layout_sink_read_by_skopeo_and_umoci(model: Path, tmp_path: Path) -> None:
-    need("skopeo")
-    need("umoci")
+    need_tool("skopeo")
+    need_tool("umoci")
     layout = tmp_path / "new" / "layout"
     r = imagevol("pack", str(model), f"oci:{layout}:v1", "--platform", "linux/amd64,linux/arm64", "--progress", "none")
     digest = r.stdout.splitlines()[0]
@@ -453,16 +446,6 @@ def test_layout_sink_read_by_skopeo_and_umoci(model: Path, tmp_path: Path) -> No
 # ----------------------------------------------------------------------------------------- mount round trip
 
 
-def _mount_available() -> bool:
-    try:
-        from imagevol.cli import main
-
-        return "mount" in main.commands
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _mount_available(), reason="`imagevol mount` is not there yet")
 @pytest.mark.parametrize(
     ("fmt", "compression"), [("image", "none"), ("image", "zstd"), ("artifact", "gzip"), ("modelpack", "none")]
 )

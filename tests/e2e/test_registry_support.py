@@ -14,6 +14,7 @@ import pytest
 import urllib3
 
 from tests.support import oci
+from tests.support.need import need_tool
 from tests.support.registry import Registry, RegistryStartError, issue_cert
 from tests.support.tokenserver import TokenServer, decode_jwt, parse_scope
 
@@ -295,9 +296,7 @@ def test_builders_are_accepted_by_the_registry(registry, unique_repo):
 
 
 def _skopeo(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    skopeo = shutil.which("skopeo")
-    if skopeo is None:
-        pytest.fail("skopeo is missing: apt-get install skopeo", pytrace=False)
+    need_tool("skopeo")
     env = {
         **os.environ,
         "NO_PROXY": "127.0.0.1,localhost",
@@ -306,7 +305,7 @@ def _skopeo(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         "XDG_RUNTIME_DIR": str(tmp_path),
     }
     return subprocess.run(
-        [skopeo, "--command-timeout", "60s", *args],
+        ["skopeo", "--command-timeout", "60s", *args],
         capture_output=True,
         timeout=90,
         env=env,

@@ -16,8 +16,8 @@ import zstandard
 from imagevol.errors import ContentRefusedError, UnsafeContentError, UsageError
 from imagevol.unpack.applier import ApplyOptions, ApplyStats, apply_layer
 from imagevol.unpack.compression import open_decompressed, sniff
+from tests.support.need import IS_ROOT, root_only
 
-IS_ROOT = os.geteuid() == 0
 MiB = 1 << 20
 
 
@@ -585,7 +585,7 @@ def test_trailing_zeros_make_a_full_size_file(root):
 # -- ownership and devices -------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+@root_only("chown")
 def test_ownership_is_kept_when_root(root):
     apply(
         root,

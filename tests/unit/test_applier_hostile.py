@@ -26,8 +26,8 @@ import pytest
 
 from imagevol.errors import ImagevolError, UnsafeContentError
 from imagevol.unpack.applier import ApplyOptions, apply_layer
+from tests.support.need import root_only
 
-IS_ROOT = os.geteuid() == 0
 TMP_ID = uuid.uuid4().hex[:12]  # for containerd's SymlinkOverridePath (writes to /tmp/breakout-*)
 
 
@@ -599,7 +599,7 @@ def test_the_tree_changing_to_a_host_symlink_between_layers(env: Env):
     assert (env.root / env.out.lstrip("/") / "etc/passwd").read_bytes() == b"pwned"
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="needs root (chown)")
+@root_only("chown")
 def test_ownership_and_modes_never_reach_outside(env: Env):
     before = snapshot(env.top, env.root)
     entries = [

@@ -47,6 +47,7 @@ from imagevol.manifest import Descriptor, Index, Manifest, flavour, parse_config
 from imagevol.platform import Platform, parse_platform, parse_platform_list
 from imagevol.reference import LayoutReference, Reference, parse_any, parse_reference
 from imagevol.unpack.applier import ApplyOptions, apply_layer
+from tests.support.need import root_only
 
 FUZZ = settings(
     deadline=None,
@@ -647,7 +648,7 @@ def test_deeply_nested_json_is_a_manifest_error(parse) -> None:
         parse(b'{"schemaVersion":2,"layers":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="xattrs are applied as root only")
+@root_only("xattrs are applied as root only")
 def test_xattr_name_with_nul_is_not_an_unexpected_error(scratch: _Top) -> None:
     """A PAX record ``SCHILY.xattr.user.a<NUL>b``: os.setxattr raises ValueError for it, which
     must end as a warning or an ImagevolError, never escape apply_layer."""

@@ -7,8 +7,6 @@ Debian's umoci and mounts it as root; case 9 materializes into a real store.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from imagevol.sources.layout import LayoutSource
 from imagevol.store import Store
 from tests.support.clirun import Imagevol
 from tests.support.layout import OCI_CONFIG, OCI_MANIFEST, LayoutWriter, dumps, gzip_bytes, plat, tar_bytes
+from tests.support.need import need_tool, root_only
 
 AMD64 = parse_platform_list("linux/amd64")
 
@@ -185,25 +184,16 @@ def test_case7_cli_says_runtimes_accept_what_imagevol_refuses(tmp_path: Path) ->
 
 
 # --- 8 ---------------------------------------------------------------------------------------
-def _need(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None or os.geteuid() != 0:
-        msg = f"needs root and {binary} (Debian package {binary})"
-        if os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1":
-            pytest.skip(msg)
-        pytest.fail(msg, pytrace=False)
-    return path
-
-
+@root_only("mounts the volume")
 def test_case8_umoci_insert_layer_without_tar_end_mounts(tmp_path: Path) -> None:
-    umoci = _need("umoci")
+    need_tool("umoci")
     w = LayoutWriter(tmp_path / "l")
     w.tag(w.image({"a.txt": b"base"}), "base")
     add = tmp_path / "add"
     (add / "sub").mkdir(parents=True)
     (add / "sub" / "f.txt").write_bytes(b"hello world, 13")  # 15 bytes: the last entry needs padding
     (add / "g").write_bytes(b"x")
-    subprocess.run([umoci, "insert", "--image", f"{w.path}:base", str(add), "/opt/add"], check=True)
+    subprocess.run(["umoci", "insert", "--image", f"{w.path}:base", str(add), "/opt/add"], check=True)
     # umoci 0.4.7 ends the layer without padding and without end-of-archive blocks.
     man = json.loads((w.path / "blobs" / "sha256" / _tagged(w.path, "base")).read_bytes())
     import gzip
