@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What the egress policy (--allow-registry, src/imagevol/sources/egress.py) costs per connection.
+"""What the egress policy (--allow-registry, src/imagevol/registry/egress.py) costs per connection.
 
 A loopback HTTP server answers every GET with two bytes and `Connection: close`, so each request
 makes a new connection: resolve `localhost`, connect, send, read. Rounds alternate a plain urllib3
@@ -23,8 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import urllib3
 
-from imagevol.sources import egress
-from imagevol.sources.egress import CheckedPoolManager, EgressPolicy
+from imagevol.registry import egress
+from imagevol.registry.egress import CheckedPoolManager, EgressPolicy
 
 
 class _Handler(BaseHTTPRequestHandler):

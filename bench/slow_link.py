@@ -80,7 +80,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MOUNT_HELPER = r"""
 import json, sys
 import imagevol
-from imagevol.sources.registry import RegistryOptions
+from imagevol.registry.client import RegistryOptions
 ref, target, root, stream, host = sys.argv[1:6]
 res = imagevol.mount(ref, target, root=root, stream=stream == "1",
                      options=RegistryOptions(insecure_hosts=frozenset({host})))
@@ -93,7 +93,7 @@ print(json.dumps({"in_process_s": res.seconds, "pull_s": res.pull.seconds, "down
 WARM_HELPER = r"""
 import importlib, pkgutil, imagevol
 for m in pkgutil.walk_packages(imagevol.__path__, "imagevol."):
-    if not m.name.startswith(("imagevol.csi", "imagevol.cli_csi", "imagevol.__main__")):
+    if not m.name.startswith(("imagevol.csi", "imagevol.cli.csi", "imagevol.__main__")):
         try:
             importlib.import_module(m.name)
         except Exception:

@@ -12,28 +12,21 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "explain", "inspect", "mount", "pull", "unmount"]
 
 if TYPE_CHECKING:
-    from .mount import MountResult
-    from .pull import PullResult
+    from .compose import MountResult
+    from .fetch.pull import PullResult
     from .volume import Volume
-
-# The functions below share their names with submodules. Importing a submodule binds it as an
-# attribute of the package, which would replace the function of the same name the first time
-# anything imported `imagevol.mount` (say): import them first, so the definitions below win.
-from . import explain as _explain_module  # noqa: F401
-from . import mount as _mount_module  # noqa: F401
-from . import pull as _pull_module  # noqa: F401
 
 
 def pull(ref: str, **kwargs: Any) -> PullResult:
-    """Resolve `ref` for a node and fetch its content into the store (see :func:`imagevol.pull.pull`)."""
-    from .pull import pull as _pull
+    """Resolve `ref` for a node and fetch its content into the store (see :func:`imagevol.fetch.pull.pull`)."""
+    from .fetch.pull import pull as _pull
 
     return _pull(ref, **kwargs)
 
 
 def inspect(ref: str, **kwargs: Any) -> dict[str, Any]:
-    """The descriptor tree of `ref` as plain data (see :func:`imagevol.explain.inspect_tree`)."""
-    from .explain import inspect_tree
+    """The descriptor tree of `ref` as plain data (see :func:`imagevol.resolve.explain.inspect_tree`)."""
+    from .resolve.explain import inspect_tree
     from .sources.factory import open_source
 
     return inspect_tree(open_source(ref, **kwargs))
@@ -42,23 +35,23 @@ def inspect(ref: str, **kwargs: Any) -> dict[str, Any]:
 def explain(
     ref: str, nodes: list[list[Any]], *, runtimes: list[str] | None = None, policy: str = "native", **kwargs: Any
 ) -> dict[str, Any]:
-    """What each runtime does with `ref` on each node (see :func:`imagevol.explain.explain`)."""
-    from .explain import RUNTIMES
-    from .explain import explain as _explain
+    """What each runtime does with `ref` on each node (see :func:`imagevol.resolve.explain.explain`)."""
+    from .resolve.explain import RUNTIMES
+    from .resolve.explain import explain as _explain
     from .sources.factory import open_source
 
     return _explain(open_source(ref, **kwargs), nodes, runtimes or list(RUNTIMES), policy)
 
 
 def mount(ref: str, target: str, **kwargs: Any) -> MountResult:
-    """Mount `ref` read-only at `target` (see :func:`imagevol.mount.mount`)."""
-    from .mount import mount as _mount
+    """Mount `ref` read-only at `target` (see :func:`imagevol.compose.mount`)."""
+    from .compose import mount as _mount
 
     return _mount(ref, target, **kwargs)
 
 
 def unmount(target: str, **kwargs: Any) -> Volume:
-    """Unmount the volume at `target` (see :func:`imagevol.mount.unmount`)."""
-    from .mount import unmount as _unmount
+    """Unmount the volume at `target` (see :func:`imagevol.compose.unmount`)."""
+    from .compose import unmount as _unmount
 
     return _unmount(target, **kwargs)

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from .pull import ProgressEvent
+from .fetch.pull import ProgressEvent
 
 
 class JsonLines:

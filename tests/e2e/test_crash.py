@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from imagevol.pieces import PIECE
+from imagevol.fetch.pieces import PIECE
 from tests.support import oci
 from tests.support.clirun import Imagevol, content_ok, mount_options, mounts_under
 from tests.support.proxy import Proxy

@@ -34,7 +34,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import imagevol.pull
+import imagevol.fetch.pull
 from imagevol.csi import csi_pb2 as pb
 from imagevol.csi import csi_pb2_grpc as pb_grpc
 from tests.support import oci
@@ -54,7 +54,7 @@ NODE = "linux/amd64"
 Mode = pb.VolumeCapability.AccessMode
 RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 # How often a pull records the progress of a blob (what a killed pull keeps).
-MARK_EVERY = getattr(imagevol.pull, "MARK_EVERY", 8 * MiB)
+MARK_EVERY = getattr(imagevol.fetch.pull, "MARK_EVERY", 8 * MiB)
 
 
 # --------------------------------------------------------------------------- the plugin process
@@ -618,8 +618,8 @@ def test_a_job_leaves_the_table_only_when_done(tmp_path: Path, content: Content,
     from imagevol.csi.publisher import PluginConfig, Publisher, canonical_target
     from imagevol.csi.status import Pending
     from imagevol.platform import parse_platform
-    from imagevol.sources.egress import EgressPolicy
-    from imagevol.sources.registry import RegistryOptions
+    from imagevol.registry.client import RegistryOptions
+    from imagevol.registry.egress import EgressPolicy
 
     node = [parse_platform(NODE)]
     loopback = RegistryOptions(egress=EgressPolicy.parse(["127.*:*"]))

@@ -1,4 +1,4 @@
-"""Server-side request forgery: what imagevol may contact (--allow-registry, sources/egress.py).
+"""Server-side request forgery: what imagevol may contact (--allow-registry, registry/egress.py).
 
 A pod names the registry of its volume, and the CSI plugin makes the requests: a reference to
 ``127.0.0.1:PORT/x:v1``, a registry whose blob redirect or token realm points at a node-local

@@ -30,7 +30,7 @@ from imagevol.digest import Digest
 from imagevol.errors import ContentRefusedError, ImagevolError
 from imagevol.manifest import MAX_MANIFEST_SIZE, Index, parse_manifest
 from imagevol.materialize import MaterializeOptions, materialize
-from imagevol.select import select_manifest
+from imagevol.resolve.select import select_manifest
 from imagevol.store import Store
 from imagevol.unpack.applier import ApplyOptions
 from tests.support import corpus, oci

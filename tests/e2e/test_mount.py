@@ -117,7 +117,7 @@ class Cli:
     def cleanup(self) -> None:
         """Unmount whatever is still mounted: imagevol's API in-process (teardown, not under test;
         the CLI's unmount is tested on its own), then umount2 as a safety net."""
-        from imagevol.mount import unmount
+        from imagevol.compose import unmount
 
         mounted = [t for t in reversed(self.targets) if str(t) in mountpoints()]
         for t in mounted:

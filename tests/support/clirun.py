@@ -188,7 +188,7 @@ class Imagevol:
         if not left:
             return
         try:
-            from imagevol.mount import unmount
+            from imagevol.compose import unmount
 
             for t in sorted(left, reverse=True):
                 try:

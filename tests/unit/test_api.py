@@ -1,5 +1,5 @@
-"""The package-level API: `imagevol.pull`, `imagevol.mount`, ... stay functions even though
-submodules of the same names exist and are imported by everything else."""
+"""The package-level API: `imagevol.pull`, `imagevol.mount`, ... stay functions once every stage
+module is imported (no submodule of the package shares an API name)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import imagevol
 
 
 def test_api_names_are_functions_after_their_submodules_are_imported() -> None:
-    for module in ("pull", "mount", "explain"):
+    for module in ("fetch.pull", "compose", "resolve.explain", "cli"):
         importlib.import_module(f"imagevol.{module}")
     for name in ("pull", "mount", "explain", "unmount", "inspect"):
         fn = getattr(imagevol, name)

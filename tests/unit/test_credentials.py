@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from imagevol.errors import AuthError, UsageError
-from imagevol.sources import credentials
-from imagevol.sources.credentials import (
+from imagevol.registry import credentials
+from imagevol.registry.credentials import (
     Credential,
     auth_file_candidates,
     lookup_credential,

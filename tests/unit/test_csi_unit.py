@@ -33,7 +33,7 @@ from imagevol.errors import (
 )
 from imagevol.platform import parse_platform, parse_platform_list
 from imagevol.reference import parse_any
-from imagevol.select import select_manifest
+from imagevol.resolve.select import select_manifest
 from imagevol.sources.factory import open_source
 from tests.support.layout import LayoutWriter, plat
 
@@ -298,8 +298,8 @@ def test_failed_jobs_nobody_collects_are_dropped(tmp_path: Path, monkeypatch: py
     """A publish whose pull fails after its caller gave up keeps its failure for the retry only
     for FAILED_RESULT_TTL; after that the job goes, so pods deleted meanwhile leave nothing behind."""
     from imagevol.csi import publisher as pubmod
-    from imagevol.sources.egress import EgressPolicy
-    from imagevol.sources.registry import RegistryOptions
+    from imagevol.registry.client import RegistryOptions
+    from imagevol.registry.egress import EgressPolicy
     from tests.support.registry import free_port
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the pull fails at once

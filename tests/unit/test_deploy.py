@@ -28,10 +28,10 @@ import yaml
 
 from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_reference
-from imagevol.sources.egress import EgressPolicy
+from imagevol.registry.client import RegistryOptions
+from imagevol.registry.egress import EgressPolicy
+from imagevol.registry.regconf import load_registries_conf, pull_endpoints
 from imagevol.sources.factory import pull_hosts
-from imagevol.sources.regconf import load_registries_conf, pull_endpoints
-from imagevol.sources.registry import RegistryOptions
 from tests.support.need import need_tool
 
 ROOT = Path(__file__).resolve().parents[2]

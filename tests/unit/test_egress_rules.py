@@ -1,4 +1,4 @@
-"""The egress policy's rules on their own (sources/egress.py): allow-list globs, the special
+"""The egress policy's rules on their own (registry/egress.py): allow-list globs, the special
 addresses (including the IPv6 forms of IPv4 ones, which a reference cannot spell but a resolver or
 a redirect can), the host's interface addresses, and how refusals read. The connections that use
 them are tested end to end in tests/e2e/test_egress.py."""
@@ -11,8 +11,8 @@ import subprocess
 import pytest
 
 from imagevol.errors import EgressRefusedError, UsageError
-from imagevol.sources.egress import EgressPolicy, node_addresses, special_kind
-from imagevol.sources.registry import error_detail, oci_error_text
+from imagevol.registry.client import error_detail, oci_error_text
+from imagevol.registry.egress import EgressPolicy, node_addresses, special_kind
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ def test_special_addresses_need_an_entry_naming_them(
 )
 def test_invalid_entries_are_usage_errors(bad: str) -> None:
     with pytest.raises(UsageError, match="invalid --allow-registry") as ei:
-        from imagevol.sources.egress import AllowEntry
+        from imagevol.registry.egress import AllowEntry
 
         AllowEntry.parse(bad)
     assert ei.value.hint

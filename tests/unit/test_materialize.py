@@ -728,7 +728,7 @@ def test_force_rmtree_and_walks_handle_any_depth(tmp_path: Path, deep_cleanup: N
 
 
 def test_gc_removes_a_3000_deep_stale_build(store: Store, b: Builder, deep_cleanup: None) -> None:
-    from imagevol.mount import gc
+    from imagevol.compose import gc
 
     snaps = store.root / "snapshots"
     store.ensure()
@@ -742,8 +742,8 @@ def test_gc_removes_a_3000_deep_stale_build(store: Store, b: Builder, deep_clean
 
 
 def test_gc_keeps_a_build_in_progress(store: Store, b: Builder) -> None:
+    from imagevol.compose import gc
     from imagevol.materialize import _lock_name
-    from imagevol.mount import gc
 
     snaps = store.root / "snapshots"
     store.ensure()
@@ -777,7 +777,7 @@ def mounted_leftover(store: Store) -> Any:
 
 
 def test_undeletable_leftover_build_does_not_block_other_builds(store: Store, b: Builder, mounted_leftover) -> None:
-    from imagevol.mount import gc
+    from imagevol.compose import gc
 
     m = b.manifest([b.desc("application/x", b"x", {mt.ANN_TITLE: "x"})], artifact_type=AT)
     assert tree(materialize(store, m).path) == {"x": "x"}

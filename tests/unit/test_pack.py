@@ -29,6 +29,7 @@ from imagevol.pack import (
     plan_image_layers,
     scan_tree,
 )
+from imagevol.pack.tarwriter import LayerWriter, TarParts, TarWriter
 from imagevol.reference import parse_layout_reference
 from imagevol.sinks import Blob, FileRange, hash_blob
 from imagevol.sinks import digestcache as dc
@@ -36,7 +37,6 @@ from imagevol.sinks.digestcache import DigestCache
 from imagevol.sinks.layout import LayoutSink
 from imagevol.sinks.registry import _Body
 from imagevol.sources.layout import LayoutSource
-from imagevol.tarwriter import LayerWriter, TarParts, TarWriter
 
 MiB = 1 << 20
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from imagevol.digest import Digest
+from imagevol.fetch.pieces import PIECE, Buffers, cut_at, range_start
 from imagevol.fsutil import DIRECT_ALIGN, AlignedWriter, pwrite_direct, reopen_direct
-from imagevol.pieces import PIECE, Buffers, cut_at, range_start
 from imagevol.store import Store
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from imagevol.errors import EXIT_ERROR, ImagevolError, UsageError, exit_code_for
-from imagevol.sources import regconf
-from imagevol.sources.regconf import (
+from imagevol.registry import regconf
+from imagevol.registry.regconf import (
     BlockedRegistryError,
     Endpoint,
     RegistryConfig,
@@ -626,8 +626,8 @@ def test_tls_material_explicit_dir(tmp_path: Path, home: Path) -> None:
 
 def test_mirrors_get_the_reference_registry_as_ns(tmp_path: Path) -> None:
     from imagevol.reference import parse_reference
+    from imagevol.registry.client import RegistryClient, RegistryEndpoint, RegistryOptions, Transport
     from imagevol.sources.factory import pull_hosts, registry_endpoints
-    from imagevol.sources.registry import RegistryClient, RegistryEndpoint, RegistryOptions, Transport
 
     conf = tmp_path / "registries.conf"
     conf.write_text(

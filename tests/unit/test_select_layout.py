@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from imagevol.errors import NoMatchError
-from imagevol.explain import predict
 from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_any
-from imagevol.select import select_manifest
+from imagevol.resolve.explain import predict
+from imagevol.resolve.select import select_manifest
 from imagevol.sources.layout import LayoutSource
 from tests.support.fixtures import ALL, build_core_layout, expectations
 

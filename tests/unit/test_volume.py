@@ -605,7 +605,7 @@ def test_target_parents_are_created_without_following_symlinks(tmp_path: Path) -
 def test_gc_reclaims_snapshots_built_the_old_way(store: Store, artifact: Snapshot) -> None:
     """Snapshots keyed by the bare manifest hex were sealed the old way (write bits stripped); no
     mount reuses them, so gc reclaims them even while their manifest is kept by a reference."""
-    from imagevol.mount import gc
+    from imagevol.compose import gc
 
     m = _manifest_of(store, artifact)
     store.meta.set_ref("example.com/a:1", m.digest, media_type=m.media_type)

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import UsageError
 from ..platform import Platform, parse_platform_list
 from ..reference import LayoutReference, Reference, parse_any
-from ..sources.credentials import Credential, lookup_credential, lookup_in_auths, normalize_registry
+from ..registry.credentials import Credential, lookup_credential, lookup_in_auths, normalize_registry
 from . import csi_pb2 as pb
 
 ATTRIBUTES = ("image", "platform", "platformPolicy", "pullPolicy", "subPath")

@@ -36,7 +36,7 @@ digest it uses must be confirmed by the registry of the volume's own reference w
 own credentials (its secret, or none: the node's auth files): the pull itself fetched it with them,
 or the registry serves it there (a manifest: GET by digest, verified; a blob: the bytes of a random
 4 KiB slice, compared with the store's, so a registry that only claims to hold the blob cannot
-confirm it; see :meth:`~imagevol.sources.registry.RegistryClient.confirm`). The registry itself
+confirm it; see :meth:`~imagevol.registry.client.RegistryClient.confirm`). The registry itself
 is asked, never a mirror. A refusal fails the publish (PERMISSION_DENIED, naming the digest of the
 volume's own manifest that was refused); pullPolicy never, which cannot ask, is refused unless the
 answer is cached. Positive answers are cached per (credential identity, registry/repository,
@@ -86,15 +86,15 @@ from typing import Any
 
 from ..digest import Digest
 from ..errors import AuthError, ImagevolError, NotFoundError, StoreError, UsageError
+from ..fetch.pull import ProgressEvent, PullResult, plan_pull
 from ..manifest import Descriptor
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
-from ..pull import ProgressEvent, PullResult, plan_pull
 from ..reference import Reference, parse_any
-from ..select import Selection
-from ..sources.egress import EgressPolicy
+from ..registry.client import RegistryOptions, RegistrySource
+from ..registry.egress import EgressPolicy
+from ..resolve.select import Selection
 from ..sources.factory import open_source
-from ..sources.registry import RegistryOptions, RegistrySource
 from ..store import Store
 from ..unpack.applier import ApplyOptions
 from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume, resolve_subpath

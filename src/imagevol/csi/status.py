@@ -53,7 +53,7 @@ from ..errors import (
     TransportError,
     UsageError,
 )
-from ..select import IndexStep
+from ..resolve.select import IndexStep
 from .attrs import VolumeSpec
 
 Code = grpc.StatusCode

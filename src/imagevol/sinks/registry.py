@@ -36,7 +36,7 @@ from ..digest import Digest, digest_bytes
 from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryError, TransportError, UsageError
 from ..manifest import Descriptor
 from ..reference import Reference, is_domain
-from ..sources.registry import RegistryClient, RegistryOptions, Transport, error_detail
+from ..registry.client import RegistryClient, RegistryOptions, Transport, error_detail
 from . import PIECE, Blob, PushStats
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "RegistrySink"]

@@ -7,15 +7,15 @@ from typing import Any, BinaryIO
 from ..errors import AuthError, NotFoundError
 from ..manifest import Descriptor, Index, Manifest
 from ..reference import LayoutReference, Reference, is_domain, parse_any, parse_reference
+from ..registry.client import RegistryEndpoint, RegistryOptions, RegistrySource, Transport
 from .base import Source
 from .layout import LayoutSource
-from .registry import RegistryEndpoint, RegistryOptions, RegistrySource, Transport
 
 
 def pull_hosts(ref: Reference, options: RegistryOptions) -> tuple[list[RegistryEndpoint], frozenset[str]]:
     """Where to pull `ref` from, mirrors first (each with the ``ns`` it is sent: the reference's
     registry host), the registry itself last; and the hosts marked insecure."""
-    from .regconf import is_insecure, load_registries_conf, pull_endpoints
+    from ..registry.regconf import is_insecure, load_registries_conf, pull_endpoints
 
     config = load_registries_conf(options.registries_conf)
     pairs = pull_endpoints(config, f"{ref.domain}/{ref.path}", by_digest=ref.digest is not None)
@@ -109,7 +109,7 @@ def open_source(
     options = options or (transport.options if transport else RegistryOptions())
     transport = transport or Transport(options)
     if isinstance(ref, str) and is_short_name(ref):
-        from .regconf import load_registries_conf
+        from ..registry.regconf import load_registries_conf
 
         config = load_registries_conf(options.registries_conf)
         name = ref[len("docker://") :] if ref.startswith("docker://") else ref

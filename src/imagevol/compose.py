@@ -22,6 +22,7 @@ from .errors import (
     StoreError,
     UnsafeContentError,
 )
+from .fetch.pull import LayerStream, ProgressFn, PullPlan, PullResult, plan_pull
 from .manifest import Descriptor
 from .materialize import (
     MaterializeOptions,
@@ -34,9 +35,8 @@ from .materialize import (
     remove_snapshot,
 )
 from .platform import Platform
-from .pull import LayerStream, ProgressFn, PullPlan, PullResult, plan_pull
 from .reference import LayoutReference, Reference
-from .sources.registry import RegistryOptions, RegistrySource
+from .registry.client import RegistryOptions, RegistrySource
 from .store import FsckResult, GcResult, Store
 from .store import fsck as store_fsck
 from .store import gc as store_gc

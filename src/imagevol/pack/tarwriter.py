@@ -24,8 +24,8 @@ import os
 import tarfile
 from typing import Any, BinaryIO
 
-from .digest import Digest
-from .errors import ImagevolError, UsageError
+from ..digest import Digest
+from ..errors import ImagevolError, UsageError
 
 __all__ = [
     "COMPRESSIONS",
@@ -234,7 +234,7 @@ class TarParts:
         return len(data)
 
     def add_file_part(self, path: str | os.PathLike[str], size: int) -> None:
-        from .sinks import FileRange
+        from ..sinks import FileRange
 
         self._flush()
         if size:

@@ -25,8 +25,8 @@ from typing import Any
 
 import urllib3
 
-from .digest import Digest, Verifier
-from .errors import (
+from ..digest import Digest, Verifier
+from ..errors import (
     DigestMismatchError,
     ImagevolError,
     IngestBusyError,
@@ -35,17 +35,17 @@ from .errors import (
     TransportError,
     UsageError,
 )
-from .fsutil import AlignedWriter
-from .manifest import Descriptor, Index, Manifest
+from ..fsutil import AlignedWriter
+from ..manifest import Descriptor, Index, Manifest
+from ..platform import Platform, host_platform
+from ..reference import LayoutReference, Reference, parse_any
+from ..registry.client import RegistryOptions, RegistrySource, interruptible_by
+from ..resolve.select import Selection, select_manifest
+from ..sources.base import Source
+from ..sources.factory import open_source
+from ..sources.storesrc import StoreSource
+from ..store import Store
 from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored
-from .platform import Platform, host_platform
-from .reference import LayoutReference, Reference, parse_any
-from .select import Selection, select_manifest
-from .sources.base import Source
-from .sources.factory import open_source
-from .sources.registry import RegistryOptions, RegistrySource, interruptible_by
-from .sources.storesrc import StoreSource
-from .store import Store
 
 PULL_POLICIES = ("always", "missing", "never")
 CHUNK = 1 << 20
@@ -820,7 +820,7 @@ def export_layout(store: Store, result: PullResult, dest: str | LayoutReference)
     without `--all` does: the tag names the manifest chosen for the node. Blobs are files of the
     layout's own: reflinks of the store's verified files where the file systems allow, else
     in-kernel copies; never hard links (a writable name for an inode the store serves from)."""
-    from .sinks.layout import LayoutSink
+    from ..sinks.layout import LayoutSink
 
     ref = parse_any(dest) if isinstance(dest, str) else dest
     if not isinstance(ref, LayoutReference):

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import EXIT_ERROR, ImagevolError
-from .fsutil import keep_freed_memory
+from ..errors import EXIT_ERROR, ImagevolError
+from ..fsutil import keep_freed_memory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -140,8 +140,8 @@ def registry_options(fn: F) -> F:
 def make_options(kw: dict[str, Any], *, always_restrict: bool = False) -> Any:
     """RegistryOptions from the registry flags. The egress policy (--allow-registry) applies when
     entries are given, or always with ``always_restrict`` (the CSI plugin)."""
-    from .sources.egress import EgressPolicy
-    from .sources.registry import RegistryOptions
+    from ..registry.client import RegistryOptions
+    from ..registry.egress import EgressPolicy
 
     allow = kw.pop("allow_registry", ()) or ()
     return RegistryOptions(
@@ -159,7 +159,7 @@ def parse_size(text: str) -> int:
     """`500G`, `2TiB`, `1048576`: bytes (K/M/G/T powers of 1024, an optional `iB` or `B`)."""
     import re
 
-    from .errors import UsageError
+    from ..errors import UsageError
 
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if not m:
@@ -169,7 +169,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_nodes(values: tuple[str, ...], default: list[str] | None = None) -> list[list[Any]]:
-    from .platform import host_platform, parse_platform_list
+    from ..platform import host_platform, parse_platform_list
 
     if not values:
         if default:
@@ -221,8 +221,8 @@ def inspect(ref: str, as_json: bool, **kw: Any) -> None:
 
     REF is a registry reference (`registry.example.com/models/llama:v1`) or an OCI layout
     (`oci:PATH[:TAG|@DIGEST]`)."""
-    from .explain import inspect_tree, render_tree
-    from .sources.factory import open_source
+    from ..resolve.explain import inspect_tree, render_tree
+    from ..sources.factory import open_source
 
     source = open_source(ref, options=make_options(kw))
     tree = inspect_tree(source)
@@ -273,15 +273,15 @@ def explain(
     what would fix it; with --runtime, what CRI-O 1.34 or containerd 2.1 would do.
 
     Exits 3 when, on some node asked, a runtime asked for (default: imagevol) mounts nothing."""
-    from .explain import DEFAULT_NODES, RUNTIMES, outcome_json, render_explain
-    from .explain import explain as do_explain
-    from .sources.factory import open_source
+    from ..resolve.explain import DEFAULT_NODES, RUNTIMES, outcome_json, render_explain
+    from ..resolve.explain import explain as do_explain
+    from ..sources.factory import open_source
 
     nodes = parse_nodes(platforms, list(DEFAULT_NODES))
     try:
         source = open_source(ref, options=make_options(kw))
     except ImagevolError as e:
-        from .explain import runtimes_accept_hint
+        from ..resolve.explain import runtimes_accept_hint
 
         raise type(e)(e.message, runtimes_accept_hint(ref, e)) from None
     result = do_explain(source, nodes, list(runtimes) or list(RUNTIMES), platform_policy)
@@ -307,11 +307,11 @@ def _progress_for(mode: str) -> Any:
     if mode == "auto":
         mode = "bars" if sys.stderr.isatty() else "none"
     if mode == "bars":
-        from .progress import Bars
+        from ..progress import Bars
 
         return Bars()
     if mode == "json":
-        from .progress import JsonLines
+        from ..progress import JsonLines
 
         return JsonLines()
     return None
@@ -377,7 +377,7 @@ def pull_options(fn: F) -> F:
 
 
 def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
-    from .pull import pull
+    from ..fetch.pull import pull
 
     nodes = parse_nodes(kw.pop("platforms"))
     node = [p for n in nodes for p in n]
@@ -414,8 +414,8 @@ def pull_cmd(ctx: click.Context, ref: str, output: str | None, as_json: bool, **
     """Resolve REF for this node and fetch its content into the store (parallel, ranged,
     resumable, verified). Prints the digest of the manifest chosen."""
     if output:
-        from .errors import UsageError
-        from .reference import LayoutReference, parse_any
+        from ..errors import UsageError
+        from ..reference import LayoutReference, parse_any
 
         if not isinstance(parse_any(output), LayoutReference):
             raise UsageError(f"--output must be an OCI layout (oci:DIR[:TAG]), not {output!r}")
@@ -423,8 +423,8 @@ def pull_cmd(ctx: click.Context, ref: str, output: str | None, as_json: bool, **
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     if output:
-        from .pull import export_layout
-        from .store import Store
+        from ..fetch.pull import export_layout
+        from ..store import Store
 
         export_layout(Store(ctx.obj["root"]), res, output)
     if as_json:
@@ -439,7 +439,7 @@ def pull_cmd(ctx: click.Context, ref: str, output: str | None, as_json: bool, **
 @handle_errors
 def images(ctx: click.Context, as_json: bool) -> None:
     """List references in the store."""
-    from .store import Store
+    from ..store import Store
 
     store = Store(ctx.obj["root"])
     refs = store.meta.list_refs() if store.root.exists() else []
@@ -471,10 +471,10 @@ def images(ctx: click.Context, as_json: bool) -> None:
 @handle_errors
 def rm(ctx: click.Context, ref: str) -> None:
     """Forget REF (its content goes at the next gc, unless a volume or another reference holds it)."""
-    from .errors import ImagevolError, NotFoundError
-    from .pull import ref_key
-    from .reference import parse_any
-    from .store import Store
+    from ..errors import ImagevolError, NotFoundError
+    from ..fetch.pull import ref_key
+    from ..reference import parse_any
+    from ..store import Store
 
     store = Store(ctx.obj["root"])
     key = ref_key(parse_any(ref))
@@ -498,7 +498,7 @@ def rm(ctx: click.Context, ref: str) -> None:
 @handle_errors
 def gc(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     """Remove content no reference, volume or pull in flight holds."""
-    from .mount import gc as run_gc
+    from ..compose import gc as run_gc
 
     res = run_gc(root=ctx.obj["root"], dry_run=dry_run)
     freed = res.bytes_freed + res.ingest_bytes_freed
@@ -541,7 +541,7 @@ def fsck(ctx: click.Context, repair: bool, quick: bool, as_json: bool) -> None:
     Exit 0 when the store is clean (or a --repair fixed everything), 4 while problems remain."""
     import dataclasses
 
-    from .mount import fsck as run_fsck
+    from ..compose import fsck as run_fsck
 
     res = run_fsck(root=ctx.obj["root"], repair=repair, quick=quick)
     left = res.problems_left
@@ -641,7 +641,7 @@ def mount_cmd(
 ) -> None:
     """Mount REF read-only at TARGET: resolve for this node, pull what is missing, materialize once,
     then a nosuid,nodev read-only bind mount (as root) or a private copy (reflinks where possible)."""
-    from .mount import mount
+    from ..compose import mount
 
     nodes = parse_nodes(kw.pop("platforms"))
     prog = _progress_for(kw.pop("progress_mode"))
@@ -678,7 +678,7 @@ def mount_cmd(
 @handle_errors
 def unmount_cmd(ctx: click.Context, target: str) -> None:
     """Unmount the volume at TARGET and release its content (gc may then reclaim it)."""
-    from .mount import unmount
+    from ..compose import unmount
 
     v = unmount(target, root=ctx.obj["root"])
     click.echo(f"unmounted {v.target}")
@@ -691,7 +691,7 @@ def unmount_cmd(ctx: click.Context, target: str) -> None:
 @handle_errors
 def volumes_cmd(ctx: click.Context, as_json: bool, prune: bool) -> None:
     """List volumes, checked against the kernel's mount table."""
-    from .mount import volumes
+    from ..compose import volumes
 
     vols = volumes(root=ctx.obj["root"], reconcile_stale=prune)
     if as_json:
@@ -722,4 +722,4 @@ def volumes_cmd(ctx: click.Context, as_json: bool, prune: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-from . import cli_csi, cli_pack  # noqa: E402, F401  (register `imagevol csi` and `imagevol pack`)
+from . import csi, pack  # noqa: E402, F401  (register `imagevol csi` and `imagevol pack`)

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from .cli import handle_errors, main, make_options, registry_options
-from .csi import DEFAULT_DRIVER_NAME
+from ..csi import DEFAULT_DRIVER_NAME
+from . import handle_errors, main, make_options, registry_options
 
 
 @main.command("csi")
@@ -97,11 +97,11 @@ def csi_cmd(
     Volumes are read-only (a request without readOnly: true is refused). A pull that outlives the
     kubelet's deadline goes on; the kubelet's retry attaches to it. Runs until SIGTERM.
     """
-    from .csi.publisher import PluginConfig
-    from .csi.server import serve
-    from .errors import UsageError
-    from .platform import host_platform, parse_platform_list
-    from .sources.egress import EgressPolicy
+    from ..csi.publisher import PluginConfig
+    from ..csi.server import serve
+    from ..errors import UsageError
+    from ..platform import host_platform, parse_platform_list
+    from ..registry.egress import EgressPolicy
 
     if not node_id.strip():
         raise UsageError("--node-id is empty", hint="pass the node's name (the downward API's spec.nodeName)")

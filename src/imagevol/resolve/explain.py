@@ -13,11 +13,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mediatypes as mt
-from .errors import ImagevolError, NoMatchError
-from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest, flavour, parse_config
-from .platform import Platform
-from .reference import Reference, runtime_reference
+from .. import mediatypes as mt
+from ..errors import ImagevolError, NoMatchError
+from ..manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest, flavour, parse_config
+from ..platform import Platform
+from ..reference import Reference, runtime_reference
+from ..sources.base import Source
 from .select import (
     MAX_DEPTH,
     CrioNestedIndexError,
@@ -27,7 +28,6 @@ from .select import (
     Selector,
     platforms_in,
 )
-from .sources.base import Source
 
 RUNTIMES = ("imagevol", "crio", "containerd")
 DEFAULT_NODES = ("linux/amd64", "linux/arm64", "linux/arm/v7")
@@ -351,7 +351,7 @@ def _runtime_references(source: Source) -> dict[str, Any] | None:
 
 def runtimes_accept_hint(ref: str, error: ImagevolError) -> str | None:
     """The hint for a reference imagevol refuses: plus what CRI-O and containerd do with it."""
-    from .errors import InvalidReferenceError
+    from ..errors import InvalidReferenceError
 
     if not isinstance(error, InvalidReferenceError) or ref.startswith("oci:"):
         return error.hint

@@ -73,7 +73,7 @@ class RegistryOptions:
     max_backoff: float = 20.0
     user_agent: str = USER_AGENT
     insecure_hosts: frozenset[str] = field(default_factory=frozenset)
-    # Which registries and addresses may be contacted (--allow-registry; see sources/egress.py).
+    # Which registries and addresses may be contacted (--allow-registry; see registry/egress.py).
     # None: no restriction (the CLI without --allow-registry); the CSI plugin always sets one.
     egress: EgressPolicy | None = None
     # Injected for tests and embedding; default looks credentials up in auth files.
@@ -260,7 +260,7 @@ class Transport:
                 if self.options.egress is None:
                     pm = urllib3.PoolManager(**kw)
                 else:
-                    # Every connection this pool makes checks the address it goes to (sources/egress.py).
+                    # Every connection this pool makes checks the address it goes to (registry/egress.py).
                     pm = CheckedPoolManager(lambda h, p, a, netloc=host: self._check_address(netloc, h, p, a), **kw)
                 self._pools[key] = pm
             return pm

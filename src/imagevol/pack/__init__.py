@@ -55,15 +55,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import mediatypes as mt
-from .digest import Digest, digest_bytes
-from .errors import UsageError
-from .manifest import Descriptor
-from .platform import Platform, parse_platform, parse_platform_list
-from .pull import ProgressEvent, ProgressFn
-from .sinks import Blob, FileRange, Sink, hash_blob, open_sink, stop_with
-from .sinks.digestcache import DigestCache, composite_key, file_identity
-from .sources.registry import interruptible_by
+from .. import mediatypes as mt
+from ..digest import Digest, digest_bytes
+from ..errors import UsageError
+from ..fetch.pull import ProgressEvent, ProgressFn
+from ..manifest import Descriptor
+from ..platform import Platform, parse_platform, parse_platform_list
+from ..registry.client import interruptible_by
+from ..sinks import Blob, FileRange, Sink, hash_blob, open_sink, stop_with
+from ..sinks.digestcache import DigestCache, composite_key, file_identity
 from .tarwriter import COMPRESSIONS, LayerWriter, TarParts, source_date_epoch
 
 __all__ = [
@@ -991,7 +991,7 @@ def pack(
 
     ``platforms``: a list (or comma-separated string) of platforms for the index (default for
     images: :data:`DEFAULT_PLATFORMS`); ``agnostic``: one platform-less entry. ``options``: a
-    :class:`imagevol.sources.registry.RegistryOptions`. ``progress`` receives
+    :class:`imagevol.registry.client.RegistryOptions`. ``progress`` receives
     :class:`imagevol.pull.ProgressEvent` values. ``chunk_size``: bytes per PATCH of a chunked
     upload (blobs up to that size go in one PUT). ``mount_from``: repositories on the same registry
     to mount blobs from. ``digest_cache``: a :class:`~imagevol.sinks.digestcache.DigestCache` or its
@@ -1006,7 +1006,7 @@ def pack(
     if sink is None:
         sink = open_sink(ref, options=options, mount_from=tuple(mount_from), chunk_size=chunk_size)
     if workdir is None:
-        from .sinks.layout import LayoutSink
+        from ..sinks.layout import LayoutSink
 
         if isinstance(sink, LayoutSink):
             workdir = sink.path  # scratch files are renamed into the layout's blobs

@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from .cli import handle_errors, main, make_options, registry_options
-from .pack import DEFAULT_ARTIFACT_TYPE, DEFAULT_PLATFORMS, FORMATS
-from .tarwriter import COMPRESSIONS
+from ..pack import DEFAULT_ARTIFACT_TYPE, DEFAULT_PLATFORMS, FORMATS
+from ..pack.tarwriter import COMPRESSIONS
+from . import handle_errors, main, make_options, registry_options
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:
@@ -139,12 +139,12 @@ def pack_cmd(
     blobs, --mount-from, and files whose digests are remembered from an earlier pack
     (~/.cache/imagevol/pack-digests.json; IMAGEVOL_PACK_CACHE=FILE or off). Prints the digest,
     then which runtime mounts the result on linux/amd64, linux/arm64 and linux/arm/v7."""
-    from .cli import _progress_for, progress_shown
-    from .explain import DEFAULT_NODES, RUNTIMES, human_size, outcome_json, render_explain
-    from .explain import explain as do_explain
-    from .pack import pack
-    from .platform import parse_platform_list
-    from .sources.factory import open_source
+    from ..pack import pack
+    from ..platform import parse_platform_list
+    from ..resolve.explain import DEFAULT_NODES, RUNTIMES, human_size, outcome_json, render_explain
+    from ..resolve.explain import explain as do_explain
+    from ..sources.factory import open_source
+    from . import _progress_for, progress_shown
 
     anns = _annotations(annotations)
     options = make_options(kw)

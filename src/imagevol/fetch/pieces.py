@@ -32,11 +32,11 @@ from typing import Any
 
 import urllib3
 
-from .digest import Digest, Verifier
-from .errors import DigestMismatchError, ImagevolError, SizeMismatchError, StoreError
-from .fsutil import DIRECT_ALIGN
-from .manifest import Descriptor
-from .store.ingest import Ingest
+from ..digest import Digest, Verifier
+from ..errors import DigestMismatchError, ImagevolError, SizeMismatchError, StoreError
+from ..fsutil import DIRECT_ALIGN
+from ..manifest import Descriptor
+from ..store.ingest import Ingest
 
 #: Large blobs are received in pieces of this size (cut at multiples of it), each into one buffer.
 PIECE = 4 << 20

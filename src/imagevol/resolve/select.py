@@ -21,13 +21,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import mediatypes as mt
-from .errors import ImagevolError, ManifestError, NoMatchError
-from .jsonutil import loads as json_loads
-from .manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest
-from .platform import ContainerdMatcher, CrioMatcher, Platform, normalize
-from .reference import LayoutReference, Reference, runtime_reference
-from .sources.base import Source
+from .. import mediatypes as mt
+from ..errors import ImagevolError, ManifestError, NoMatchError
+from ..jsonutil import loads as json_loads
+from ..manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest
+from ..platform import ContainerdMatcher, CrioMatcher, Platform, normalize
+from ..reference import LayoutReference, Reference, runtime_reference
+from ..sources.base import Source
 
 POLICIES = ("native", "any")
 SEMANTICS = ("imagevol", "crio", "containerd")

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidPlatformError
+from ..errors import InvalidPlatformError
 
 __all__ = [
     "ContainerdMatcher",

@@ -1,0 +1,1 @@
+"""Fetching: the pull plan, the fetcher, and large blobs fetched in pieces."""

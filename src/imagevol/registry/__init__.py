@@ -1,0 +1,1 @@
+"""Talking to registries: transport, auth, registries.conf, credentials, egress policy."""

@@ -1,0 +1,1 @@
+"""Reference resolution: choosing a manifest for a node, and explaining the choice."""
