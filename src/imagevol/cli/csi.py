@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..csi import DEFAULT_DRIVER_NAME
-from . import handle_errors, main, make_options, registry_options
+from .common import handle_errors, main, make_options, registry_options
 
 
 @main.command("csi")

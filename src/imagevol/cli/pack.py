@@ -9,7 +9,7 @@ import click
 
 from ..pack import DEFAULT_ARTIFACT_TYPE, DEFAULT_PLATFORMS, FORMATS
 from ..pack.tarwriter import COMPRESSIONS
-from . import handle_errors, main, make_options, registry_options
+from .common import handle_errors, main, make_options, registry_options
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:
@@ -144,11 +144,11 @@ def pack_cmd(
     from ..resolve.explain import DEFAULT_NODES, RUNTIMES, human_size, outcome_json, render_explain
     from ..resolve.explain import explain as do_explain
     from ..sources.factory import open_source
-    from . import _progress_for, progress_shown
+    from .common import progress_for, progress_shown
 
     anns = _annotations(annotations)
     options = make_options(kw)
-    prog = _progress_for(progress_mode)
+    prog = progress_for(progress_mode)
     args: dict[str, Any] = dict(
         format=fmt,
         platforms=list(platforms) or None,
