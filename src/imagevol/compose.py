@@ -22,7 +22,7 @@ from .errors import (
     StoreError,
     UnsafeContentError,
 )
-from .fetch.pull import LayerStream, ProgressFn, PullPlan, PullResult, plan_pull
+from .fetch.pull import LayerStream, PullPlan, PullResult, plan_pull
 from .manifest import Descriptor
 from .materialize import (
     MaterializeOptions,
@@ -35,6 +35,7 @@ from .materialize import (
     remove_snapshot,
 )
 from .platform import Platform
+from .progress import ProgressFn
 from .reference import LayoutReference, Reference
 from .registry.client import RegistryOptions, RegistrySource
 from .store import FsckResult, GcResult, Store

@@ -1,4 +1,5 @@
-"""Progress display for pulls: rich bars on a terminal, JSON lines or nothing otherwise."""
+"""Progress: the events a pull or a pack reports, and their display (rich bars on a terminal,
+JSON lines or nothing otherwise)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,24 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from .fetch.pull import ProgressEvent
+
+@dataclass
+class ProgressEvent:
+    """One progress report: kind is `resolved`, `blob-start`, `bytes`, `blob-done` or `done`."""
+
+    kind: str
+    digest: str | None = None
+    size: int = 0
+    n: int = 0
+    cached: bool = False
+    message: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
 
 
 class JsonLines:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 
@@ -537,3 +538,10 @@ def runtime_reference(s: str) -> RuntimeReference:
     if dig and (problem := _go_digest_problem(dig)) is not None:
         return RuntimeReference(s, problem)
     return RuntimeReference(s, None, rdomain, rpath, m.group(2) or "", dig)
+
+
+def ref_key(ref: Reference | LayoutReference) -> str:
+    """The key a reference is recorded under in the store (canonical form; layouts by absolute path)."""
+    if isinstance(ref, LayoutReference):
+        return str(LayoutReference(os.path.abspath(ref.path), ref.tag, ref.digest))
+    return str(ref)

@@ -48,8 +48,7 @@ def images(ctx: click.Context, as_json: bool) -> None:
 def rm(ctx: click.Context, ref: str) -> None:
     """Forget REF (its content goes at the next gc, unless a volume or another reference holds it)."""
     from ..errors import ImagevolError, NotFoundError
-    from ..fetch.pull import ref_key
-    from ..reference import parse_any
+    from ..reference import parse_any, ref_key
     from ..store import Store
 
     store = Store(ctx.obj["root"])

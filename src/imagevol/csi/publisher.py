@@ -86,10 +86,11 @@ from typing import Any
 
 from ..digest import Digest
 from ..errors import AuthError, ImagevolError, NotFoundError, StoreError, UsageError
-from ..fetch.pull import ProgressEvent, PullResult, plan_pull
+from ..fetch.pull import PullResult, plan_pull
 from ..manifest import Descriptor
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
+from ..progress import ProgressEvent
 from ..reference import Reference, parse_any
 from ..registry.client import RegistryOptions, RegistrySource
 from ..registry.egress import EgressPolicy

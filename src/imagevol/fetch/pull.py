@@ -38,7 +38,8 @@ from ..errors import (
 from ..fsutil import AlignedWriter
 from ..manifest import Descriptor, Index, Manifest
 from ..platform import Platform, host_platform
-from ..reference import LayoutReference, Reference, parse_any
+from ..progress import ProgressEvent, ProgressFn
+from ..reference import LayoutReference, Reference, parse_any, ref_key
 from ..registry.client import RegistryOptions, RegistrySource, interruptible_by
 from ..resolve.select import Selection, select_manifest
 from ..sources.base import Source
@@ -57,21 +58,6 @@ DEFAULT_PARTS_PER_BLOB = 1
 MARK_EVERY = 8 << 20
 # What a cut connection raises while a body is read (retried from the last byte received).
 _CUT = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
-
-
-@dataclass
-class ProgressEvent:
-    """One progress report: kind is `resolved`, `blob-start`, `bytes`, `blob-done` or `done`."""
-
-    kind: str
-    digest: str | None = None
-    size: int = 0
-    n: int = 0
-    cached: bool = False
-    message: str = ""
-
-
-ProgressFn = Callable[[ProgressEvent], None]
 
 
 @dataclass
@@ -107,13 +93,6 @@ class PullResult:
             "offline": self.offline,
             "warnings": self.warnings,
         }
-
-
-def ref_key(ref: Reference | LayoutReference) -> str:
-    """The key a reference is recorded under in the store (canonical form; layouts by absolute path)."""
-    if isinstance(ref, LayoutReference):
-        return str(LayoutReference(os.path.abspath(ref.path), ref.tag, ref.digest))
-    return str(ref)
 
 
 def _needed(manifest: Manifest) -> list[Descriptor]:

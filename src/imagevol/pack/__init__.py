@@ -58,9 +58,9 @@ from typing import Any
 from .. import mediatypes as mt
 from ..digest import Digest, digest_bytes
 from ..errors import UsageError
-from ..fetch.pull import ProgressEvent, ProgressFn
 from ..manifest import Descriptor
 from ..platform import Platform, parse_platform, parse_platform_list
+from ..progress import ProgressEvent, ProgressFn
 from ..registry.client import interruptible_by
 from ..sinks import Blob, FileRange, Sink, hash_blob, open_sink, stop_with
 from ..sinks.digestcache import DigestCache, composite_key, file_identity
