@@ -540,3 +540,24 @@ def test_fsck_wrong_perms_stray_files_and_dangling_children(tmp_path):
     assert stat.S_IMODE(store.blob_path(d).stat().st_mode) == 0o444
     assert fixed.removed_children_of == [gone]
     assert store.meta.children(gone) == []
+
+
+def test_hold_keeps_content_from_gc_and_lets_go_on_the_way_out(tmp_path):
+    """Store.hold is the one gc-lock-plus-lease: gc waits while it is held, the lease names the
+    digests, and it is gone afterwards even when the block raises."""
+    import threading
+
+    store = Store(tmp_path)
+    d = store.put_bytes(b"held content")
+    ran = threading.Event()
+    with store.hold([d], kind="mount") as lease:
+        assert [x.roots for x in store.meta.leases() if x.id == lease] == [(d,)]
+        t = threading.Thread(target=lambda: (gc(store), ran.set()))
+        t.start()
+        assert not ran.wait(0.5), "gc ran while the content was held"
+    t.join(10)
+    assert ran.is_set()
+    assert not store.meta.leases()
+    with pytest.raises(RuntimeError), store.hold([d]):
+        raise RuntimeError("boom")
+    assert not store.meta.leases()

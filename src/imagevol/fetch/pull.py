@@ -16,7 +16,6 @@ import queue
 import socket
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -642,22 +641,17 @@ class PullPlan:
             return self.offline
         assert self.source is not None and self.fetcher is not None
         store, sel, source, fetcher = self.store, self.selection, self.source, self.fetcher
-        lease = f"pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         try:
-            with store.lock("gc", shared=True):
-                store.meta.add_lease(lease, [sel.root.digest, sel.descriptor.digest], kind="pull", pid=os.getpid())
-                try:
-                    _store_manifests(store, source, sel, self.resolved[1])
-                    fetcher.fetch_all(_needed(sel.manifest))
-                    store.meta.set_ref(
-                        self.key,
-                        sel.root.digest,
-                        media_type=self.resolved[1].media_type,
-                        platform=str(sel.platform) if sel.platform else None,
-                        source=source.describe(),
-                    )
-                finally:
-                    store.meta.remove_lease(lease)
+            with store.hold([sel.root.digest, sel.descriptor.digest]):
+                _store_manifests(store, source, sel, self.resolved[1])
+                fetcher.fetch_all(_needed(sel.manifest))
+                store.meta.set_ref(
+                    self.key,
+                    sel.root.digest,
+                    media_type=self.resolved[1].media_type,
+                    platform=str(sel.platform) if sel.platform else None,
+                    source=source.describe(),
+                )
         except BaseException as e:
             for d in _needed(sel.manifest):  # nobody may wait for a blob that will not come
                 fetcher._ended(d, e)

@@ -20,16 +20,18 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 from ..digest import ALGORITHMS, Digest, Verifier, is_digest
 from ..errors import DigestMismatchError, IngestBusyError, InvalidDigestError, NotFoundError, StoreError
+from ..fsutil import fsync_dir as _fsync_dir
 from ..jsonutil import loads as json_loads
 from ..mediatypes import OCI_EMPTY_DATA, OCI_EMPTY_DIGEST
-from .ingest import READ_CHUNK, Ingest, _fsync_dir, remove_ingest_dir
+from .ingest import READ_CHUNK, Ingest, remove_ingest_dir
 from .locks import FileLock, named_lock
 from .meta import Meta
 
@@ -253,6 +255,18 @@ class Store:
         """
         self.ensure()
         return named_lock(self.locks_dir, name, shared=shared, blocking=blocking)
+
+    @contextlib.contextmanager
+    def hold(self, digests: Iterable[Digest], *, kind: str = "pull", name: str | None = None) -> Iterator[str]:
+        """Keep `digests` (and what they reference) from gc while the block runs: the gc lock shared
+        (gc waits) plus a lease naming them, removed on the way out. Yields the lease's name."""
+        lease = name or f"{kind}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        with self.lock("gc", shared=True):
+            self.meta.add_lease(lease, list(digests), kind=kind, pid=os.getpid())
+            try:
+                yield lease
+            finally:
+                self.meta.remove_lease(lease)
 
     def close(self) -> None:
         with self._mu:

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..digest import Digest, Verifier
 from ..errors import DigestMismatchError, StoreError
@@ -33,8 +33,14 @@ from ..fsutil import DIRECT_ALIGN, direct_io_enabled, pread_full, pwrite_all, pw
 from ..fsutil import fsync_dir as _fsync_dir
 from .locks import FileLock
 
-if TYPE_CHECKING:
-    from .blobs import Store
+
+class BlobHome(Protocol):
+    """What an ingest needs of the store it writes into (the store's blob area)."""
+
+    def has_blob(self, digest: Digest, size: int | None = None) -> bool: ...
+
+    def blob_path(self, digest: Digest) -> Path: ...
+
 
 READ_CHUNK = 1 << 20
 META_VERSION = 1
@@ -82,7 +88,7 @@ class Ingest:
     download); :meth:`commit`, :meth:`abort` and :meth:`close` must not race with them.
     """
 
-    def __init__(self, store: Store, digest: Digest, size: int, directory: Path, lock: FileLock | None) -> None:
+    def __init__(self, store: BlobHome, digest: Digest, size: int, directory: Path, lock: FileLock | None) -> None:
         self.store = store
         self.digest = digest
         self.size = size
