@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import imagevol.fetch.pull
 from imagevol.csi import csi_pb2 as pb
 from imagevol.csi import csi_pb2_grpc as pb_grpc
-from tests.support import oci
+from tests.support import need, oci
 from tests.support.clirun import Imagevol, mount_options, mountpoints
 from tests.support.proxy import Proxy
 from tests.support.registry import free_port
@@ -46,8 +46,7 @@ from tests.support.tars import E, push_image, tar_layer
 
 pytestmark = pytest.mark.e2e
 
-IS_ROOT = os.geteuid() == 0
-root_only = pytest.mark.skipif(not IS_ROOT, reason="bind mounts need root")
+root_only = need.root_only("bind mounts need root")
 MiB = 1 << 20
 TITLE = "org.opencontainers.image.title"
 NODE = "linux/amd64"
@@ -582,7 +581,7 @@ def test_unpublish_while_pulling_cancels_the_mount(env: Env, content: Content, p
     assert not target.exists()
     assert str(target) not in mountpoints()
     assert p.metric("imagevol_volumes") == 0
-    if IS_ROOT:
+    if need.IS_ROOT:
         # A later publish of the same volume works; the blobs are still in the store (no gc ran
         # in between): only the manifest is fetched again.
         proxy.rate_limit = None
@@ -603,7 +602,7 @@ def test_calls_without_a_deadline_wait_without_limit(env: Env, content: Content,
     target = env.target("vol")
     req = publish_request("csi-nodeadline", target, {"image": img.ref(proxy.host)})
     p.node.NodePublishVolume(req)  # no timeout: no deadline
-    if IS_ROOT:
+    if need.IS_ROOT:
         assert files_under(target) == img.files
     p.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(volume_id="csi-nodeadline", target_path=str(target)))
     assert not target.exists()
@@ -949,7 +948,7 @@ def test_credentials_from_the_volume_secret(env: Env, basic_registry) -> None:
     err = rpc_error(p.node.NodePublishVolume, wrong, timeout=30)
     assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
     assert "nope" not in err.details() and "nope" not in p.current_log.read_text()
-    if not IS_ROOT:
+    if not need.IS_ROOT:
         return
     good = publish_request("csi-auth2", target, {"image": ref}, secrets={"username": user, "password": password})
     p.node.NodePublishVolume(good, timeout=60)

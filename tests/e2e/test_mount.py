@@ -20,16 +20,16 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.support import fixtures as core
+from tests.support.clirun import Imagevol, mount_options, mountpoints
 from tests.support.models import docker_model, kitops, modelpack
 from tests.support.need import need_tool
 from tests.support.oci import Client
@@ -48,93 +48,9 @@ ORAS_UNPACK = "io.deis.oras.content.unpack"
 # --------------------------------------------------------------------------- running imagevol
 
 
-def mountpoints() -> set[str]:
-    """Mount points of this namespace, from /proc/self/mountinfo (octal escapes decoded)."""
-    out = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = line.split(b" ")[4]
-            out.add(os.fsdecode(raw.decode("unicode_escape").encode("latin-1")))
-    return out
-
-
-def mount_options(target: Path) -> set[str]:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split(" ")
-            if fields[4] == str(target):
-                return set(fields[5].split(","))
-    raise AssertionError(f"{target} is not mounted")
-
-
-def _env(home: Path) -> dict[str, str]:
-    drop = ("REGISTRY_AUTH_FILE", "CONTAINERS_REGISTRIES_CONF", "IMAGEVOL_ROOT", "DOCKER_CONFIG")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    home.mkdir(parents=True, exist_ok=True)
-    env["HOME"] = str(home)
-    env["XDG_CONFIG_HOME"] = str(home / ".config")
-    return env
-
-
-@dataclass
-class Cli:
-    """`python -m imagevol --root ROOT ...`; remembers every target it mounted, for teardown."""
-
-    root: Path
-    home: Path
-    targets: list[Path] = field(default_factory=list)
-
-    def run(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "imagevol", "--root", str(self.root), *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=_env(self.home))
-
-    def mount(self, ref: str, target: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        self.targets.append(Path(target))
-        return self.run("mount", ref, str(target), "--progress", "none", "--json", *args)
-
-    def mount_ok(self, ref: str, target: Path, *args: str) -> dict:
-        r = self.mount(ref, target, *args)
-        assert r.returncode == 0, f"mount {ref} failed ({r.returncode}):\n{r.stderr}"
-        return json.loads(r.stdout)
-
-    def unmount(self, target: Path) -> subprocess.CompletedProcess[str]:
-        return self.run("unmount", str(target))
-
-    def volumes(self, *args: str) -> list[dict]:
-        r = self.run("volumes", "--json", *args)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    def fsck_ok(self) -> None:
-        r = self.run("fsck", "--json")
-        assert r.returncode == 0, f"fsck failed:\n{r.stdout}\n{r.stderr}"
-        assert json.loads(r.stdout)["ok"] is True
-
-    def blob(self, digest: str) -> Path:
-        alg, hex_ = digest.split(":", 1)
-        return self.root / "blobs" / alg / hex_
-
-    def cleanup(self) -> None:
-        """Unmount whatever is still mounted: imagevol's API in-process (teardown, not under test;
-        the CLI's unmount is tested on its own), then umount2 as a safety net."""
-        from imagevol.compose import unmount
-
-        mounted = [t for t in reversed(self.targets) if str(t) in mountpoints()]
-        for t in mounted:
-            try:
-                unmount(t, root=self.root)
-            except Exception as e:  # teardown must go on
-                print(f"teardown: imagevol could not unmount {t}: {e}", file=sys.stderr)
-        for t in mounted:
-            if str(t) in mountpoints():
-                subprocess.run(["umount", "-l", str(t)], capture_output=True, timeout=30)
-        leftover = [str(t) for t in self.targets if str(t) in mountpoints()]
-        assert not leftover, f"still mounted: {leftover}"
-
-
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(tmp_path / "store", tmp_path / "home")
+def cli(tmp_path: Path) -> Iterator[Imagevol]:
+    c = Imagevol(tmp_path / "store", tmp_path / "home")
     yield c
     c.cleanup()
 
@@ -164,7 +80,7 @@ CORE_ROWS = sorted((fx, node, pol, exp) for fx, node, rt, pol, exp in core.expec
 
 
 @pytest.fixture(scope="module")
-def core_mounts(registry, client, tmp_path_factory) -> Iterator[tuple[Cli, str, dict]]:
+def core_mounts(registry, client, tmp_path_factory) -> Iterator[tuple[Imagevol, str, dict]]:
     """Every Core fixture x node x policy mounted once (4 at a time) into ONE store."""
     base = tmp_path_factory.mktemp("core-mounts")
     layout = base / "layout"
@@ -172,7 +88,7 @@ def core_mounts(registry, client, tmp_path_factory) -> Iterator[tuple[Cli, str, 
     repo = _repo("core")
     for fx in core.ALL:
         core.push_layout_tag(client, layout, fx, repo)
-    c = Cli(base / "store", base / "home")
+    c = Imagevol(base / "store", base / "home")
 
     def one(row):
         fx, node, pol, _ = row
@@ -363,7 +279,7 @@ def test_umoci_image_matches_umoci_unpack(umoci_image, source, tmp_path) -> None
         "layout": f"oci:{umoci_image['L']}:t",
         "layout-from-registry": f"oci:{umoci_image['L2']}:t",
     }[source]
-    c = Cli(tmp_path / "store", tmp_path / "home")  # a store of its own: its own snapshot
+    c = Imagevol(tmp_path / "store", tmp_path / "home")  # a store of its own: its own snapshot
     try:
         target = tmp_path / "mnt"
         doc = c.mount_ok(ref, target)
@@ -590,7 +506,7 @@ def test_rm_refused_while_mounted_then_gc(plain, cli, client, tmp_path) -> None:
     removed = set(json.loads(r.stdout)["removed"])
     assert set(blobs) <= removed
     assert not any(cli.blob(d).exists() for d in blobs)
-    cli.fsck_ok()
+    cli.fsck()
 
 
 def test_gc_keeps_what_only_a_volume_holds(plain, cli, tmp_path) -> None:
@@ -617,7 +533,7 @@ def test_gc_keeps_what_only_a_volume_holds(plain, cli, tmp_path) -> None:
     assert cli.unmount(target).returncode == 0
     r = cli.run("gc", "--json")
     assert doc["digest"] in set(json.loads(r.stdout)["removed"])
-    cli.fsck_ok()
+    cli.fsck()
 
 
 def test_gc_reclaims_snapshots(plain, cli, tmp_path) -> None:
@@ -835,7 +751,7 @@ def test_hostile_layer(registry, client, cli, tmp_path, name) -> None:
     assert _host_state(tmp_path, sentinel, rel) == before
     snaps = cli.root / "snapshots"
     assert not [n for n in (os.listdir(snaps) if snaps.exists() else []) if n.startswith(".build-")]
-    cli.fsck_ok()
+    cli.fsck()
 
 
 # --------------------------------------------------------------------------- 7. trusting the store
@@ -908,7 +824,7 @@ def test_root_cannot_write_the_store_through_a_hardlink_volume(trust, cli, tmp_p
         assert errors == [errno.EROFS, errno.EROFS]
         assert d2["mode"] == "bind" and {"ro", "nosuid", "nodev"} <= mount_options(t2)
         assert cli.unmount(t2).returncode == 0 and cli.unmount(t1).returncode == 0
-    cli.fsck_ok()
+    cli.fsck()
 
 
 @pytest.mark.parametrize("mode", ["hardlink", "copy"])
@@ -933,7 +849,7 @@ def test_file_owner_cannot_write_the_store_through_a_volume(trust, cli, world, m
         assert (target / "w.bin").read_bytes() == b"image weightstampered"
         assert os.stat(target / "w.bin").st_ino != os.stat(Path(doc["snapshot"]) / "w.bin").st_ino
     assert cli.unmount(target).returncode == 0 and cli.unmount(ro).returncode == 0
-    cli.fsck_ok()
+    cli.fsck()
 
 
 @pytest.mark.parametrize("mode", ["bind", "copy"])
@@ -1010,7 +926,7 @@ def test_unmount_does_not_follow_a_swapped_parent(trust, cli, world, mode) -> No
     assert r.returncode == 0, r.stderr
     assert not target.exists() and models.is_dir() and (secret / "data").is_dir()
     assert str(target) not in mountpoints() and cli.volumes() == []
-    cli.fsck_ok()
+    cli.fsck()
 
 
 # --------------------------------------------------------------------------- fsck: blobs and snapshots
@@ -1033,7 +949,7 @@ def _push_oras_inline_config(client: Client, repo: str) -> str:
     return digest
 
 
-def _fsck_json(cli: Cli, *args: str) -> tuple[int, dict]:
+def _fsck_json(cli: Imagevol, *args: str) -> tuple[int, dict]:
     r = cli.run("fsck", "--json", *args)
     assert "Traceback" not in r.stderr, r.stderr
     return r.returncode, json.loads(r.stdout)
@@ -1077,7 +993,7 @@ def test_fsck_clean_right_after_pulling_an_oras_artifact_with_inline_empty_confi
     code, doc = _fsck_json(cli, "--repair")
     assert code == 0 and doc["restored"] == ["sha256:" + empty.name] and doc["problemsLeft"] == [], doc
     assert empty.read_bytes() == b"{}"
-    cli.fsck_ok()
+    cli.fsck()
 
 
 def test_fsck_repair_exits_4_while_problems_remain(registry, client, cli) -> None:
@@ -1092,7 +1008,7 @@ def test_fsck_repair_exits_4_while_problems_remain(registry, client, cli) -> Non
     assert r.stderr.startswith("error: 1 problem(s) left") and "\nhint: " in r.stderr, r.stderr
     stray.unlink()
     assert cli.run("fsck", "--repair").returncode == 0
-    cli.fsck_ok()
+    cli.fsck()
 
 
 def test_fsck_finds_a_damaged_snapshot_keeps_it_while_mounted_and_repair_rebuilds(
@@ -1135,5 +1051,5 @@ def test_fsck_finds_a_damaged_snapshot_keeps_it_while_mounted_and_repair_rebuild
     again = cli.mount_ok(ref, t)
     assert again["snapshotCreated"] is True and again["snapshot"] == str(snap)
     assert (t / "data" / "model.bin").read_bytes() == b"good weights"
-    cli.fsck_ok()
+    cli.fsck()
     assert cli.unmount(t).returncode == 0

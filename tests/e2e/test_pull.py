@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.support import oci
+from tests.support.clirun import Imagevol
 from tests.support.proxy import Fault, Proxy
 from tests.support.registry import Registry
 
@@ -36,64 +36,9 @@ RUN_TIMEOUT = 180
 # --------------------------------------------------------------------------- running imagevol
 
 
-def _env(home: Path) -> dict[str, str]:
-    drop = ("REGISTRY_AUTH_FILE", "CONTAINERS_REGISTRIES_CONF", "IMAGEVOL_ROOT", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    home.mkdir(parents=True, exist_ok=True)
-    env["HOME"] = str(home)
-    env["XDG_CONFIG_HOME"] = str(home / ".config")
-    env["XDG_DATA_HOME"] = str(home / ".local" / "share")
-    return env
-
-
-@dataclass
-class Cli:
-    """`python -m imagevol --root ROOT ...` with a private HOME (no stray auth or registries.conf)."""
-
-    root: Path
-    home: Path
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "imagevol", "--root", str(self.root), *args]
-
-    def run(self, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=_env(self.home))
-
-    def popen(self, *args: str, out: Path) -> subprocess.Popen:
-        fh = open(out, "wb")  # noqa: SIM115 - the child owns it; closed below
-        try:
-            return subprocess.Popen(
-                self.argv(*args), stdout=fh, stderr=subprocess.STDOUT, env=_env(self.home), start_new_session=True
-            )
-        finally:
-            fh.close()
-
-    def pull(self, ref: str, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        return self.run("pull", ref, "--progress", "none", *args, timeout=timeout)
-
-    def fsck_ok(self) -> None:
-        r = self.run("fsck", "--json")
-        assert r.returncode == 0, f"fsck failed:\n{r.stdout}\n{r.stderr}"
-        assert json.loads(r.stdout)["ok"] is True
-
-    def blob(self, digest: str) -> Path:
-        return self.root / "blobs" / "sha256" / digest.split(":", 1)[1]
-
-    def assert_blob(self, digest: str, size: int) -> None:
-        path = self.blob(digest)
-        assert path.is_file(), f"{digest} is not in the store"
-        assert path.stat().st_size == size
-        assert _sha256_file(path) == digest
-
-    def images(self) -> list[dict]:
-        r = self.run("images", "--json")
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    return Cli(tmp_path / "store", tmp_path / "home")
+def cli(tmp_path: Path) -> Imagevol:
+    return Imagevol(tmp_path / "store", tmp_path / "home")
 
 
 def _clear_error(r: subprocess.CompletedProcess[str], *codes: int) -> None:
@@ -104,14 +49,6 @@ def _clear_error(r: subprocess.CompletedProcess[str], *codes: int) -> None:
 
 def _ok(r: subprocess.CompletedProcess[str]) -> None:
     assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout}\n{r.stderr}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _authfile(path: Path, host: str, user: str, password: str) -> Path:
@@ -244,7 +181,7 @@ def _blob_of(art: Artifact, size_at_least: int) -> tuple[str, int]:
 # --------------------------------------------------------------------------- TLS and auth
 
 
-def test_tls_with_cert_dir(tls_registry: Registry, cli: Cli, tmp_path: Path) -> None:
+def test_tls_with_cert_dir(tls_registry: Registry, cli: Imagevol, tmp_path: Path) -> None:
     art = push_artifact(oci.Client(tls_registry), "pull/tls", {"w.bin": os.urandom(300_000)})
     r = cli.pull(art.ref(tls_registry.host))
     _clear_error(r, 1)
@@ -258,11 +195,11 @@ def test_tls_with_cert_dir(tls_registry: Registry, cli: Cli, tmp_path: Path) -> 
     assert r.stdout.strip() == art.digest
     for d, n in art.blobs.items():
         cli.assert_blob(d, n)
-    cli.fsck_ok()
+    cli.fsck()
 
 
 @pytest.mark.parametrize("which", ["basic_registry", "token_registry"])
-def test_auth_pull_and_wrong_credentials(request: pytest.FixtureRequest, which: str, cli: Cli, tmp_path) -> None:
+def test_auth_pull_and_wrong_credentials(request: pytest.FixtureRequest, which: str, cli: Imagevol, tmp_path) -> None:
     reg: Registry = request.getfixturevalue(which)
     art = push_artifact(oci.Client(reg), f"pull/{which}", {"w.bin": os.urandom(200_000)})
     user, password = next(iter(reg.users.items()))
@@ -291,7 +228,7 @@ def test_auth_pull_and_wrong_credentials(request: pytest.FixtureRequest, which: 
     assert json.loads(r.stdout)["digest"] == art.digest
     for d, n in art.blobs.items():
         cli.assert_blob(d, n)
-    cli.fsck_ok()
+    cli.fsck()
 
 
 # --------------------------------------------------------------------------- mirrors
@@ -321,7 +258,7 @@ def _registries_conf(path: Path, origin: Registry, mirror_host: str, pull_from: 
     return path
 
 
-def test_mirror_serves_while_origin_is_down(registry: Registry, tmp_path: Path, cli: Cli) -> None:
+def test_mirror_serves_while_origin_is_down(registry: Registry, tmp_path: Path, cli: Imagevol) -> None:
     origin, mirror, art = _mirror_pair(tmp_path)
     try:
         conf = _registries_conf(tmp_path / "registries.conf", origin, mirror.host)
@@ -333,7 +270,7 @@ def test_mirror_serves_while_origin_is_down(registry: Registry, tmp_path: Path, 
         assert mirror.host in res["source"]
         for d, n in art.blobs.items():
             cli.assert_blob(d, n)
-        cli.fsck_ok()
+        cli.fsck()
         # The reference is recorded under the name asked for, not the mirror's.
         assert [i["reference"] for i in cli.images()] == [art.ref(origin.host)]
     finally:
@@ -347,7 +284,7 @@ def test_digest_only_mirror(registry: Registry, tmp_path: Path) -> None:
         with Proxy(mirror.url) as mp:
             conf = _registries_conf(tmp_path / "registries.conf", origin, mp.host, "digest-only")
             # A tag pull skips the digest-only mirror entirely.
-            by_tag = Cli(tmp_path / "s1", tmp_path / "home")
+            by_tag = Imagevol(tmp_path / "s1", tmp_path / "home")
             r = by_tag.pull(art.ref(origin.host), "--registries-conf", str(conf), "--json")
             _ok(r)
             assert origin.host in json.loads(r.stdout)["source"]
@@ -355,7 +292,7 @@ def test_digest_only_mirror(registry: Registry, tmp_path: Path) -> None:
             assert mp.bytes_total == 0
             # A digest pull uses it (the origin is down to prove it).
             origin.stop()
-            by_digest = Cli(tmp_path / "s2", tmp_path / "home")
+            by_digest = Imagevol(tmp_path / "s2", tmp_path / "home")
             r = by_digest.pull(art.by_digest(origin.host), "--registries-conf", str(conf), "--json", "--retries", "0")
             _ok(r)
             assert json.loads(r.stdout)["digest"] == art.digest
@@ -363,13 +300,13 @@ def test_digest_only_mirror(registry: Registry, tmp_path: Path) -> None:
             for d, n in art.blobs.items():
                 assert mp.bytes_for(d) == n
                 by_digest.assert_blob(d, n)
-            by_digest.fsck_ok()
+            by_digest.fsck()
     finally:
         origin.stop()
         mirror.stop()
 
 
-def test_mirror_requests_carry_ns(registry: Registry, token_registry: Registry, cli: Cli, tmp_path: Path) -> None:
+def test_mirror_requests_carry_ns(registry: Registry, token_registry: Registry, cli: Imagevol, tmp_path: Path) -> None:
     """containerd's `ns` query parameter: every manifest and blob request to a mirror names the
     registry the reference is for (``ns=ORIGIN-HOST``), so a mirror serving several registries
     (Spegel, Dragonfly) knows where the content comes from. Requests to the registry itself, to
@@ -419,7 +356,7 @@ def test_mirror_requests_carry_ns(registry: Registry, token_registry: Registry, 
         assert 404 in {q.status for q in missed}
         assert op.requests and all(q.query == {} for q in op.requests), op.requests
         assert {q.bare_path.rsplit("/", 1)[-1] for q in op.requests} >= {"v1", *only_origin.blobs}
-    cli.fsck_ok()
+    cli.fsck()
 
 
 # --------------------------------------------------------------------------- resume and concurrency
@@ -442,7 +379,7 @@ def _ingest_ranges(root: Path) -> list:
 
 
 @pytest.mark.parametrize("streams", ["1", "4"])
-def test_resume_after_sigkill(big: Artifact, px: Proxy, cli: Cli, tmp_path: Path, streams: str) -> None:
+def test_resume_after_sigkill(big: Artifact, px: Proxy, cli: Imagevol, tmp_path: Path, streams: str) -> None:
     """Killed mid-blob, one stream or several (whose pieces land out of order, some kept for the
     hashing, some written ahead), the next pull fetches only what was not recorded."""
     (digest, size), part = next(iter(big.blobs.items())), 64 * MiB
@@ -450,7 +387,7 @@ def test_resume_after_sigkill(big: Artifact, px: Proxy, cli: Cli, tmp_path: Path
     # Paced, so the proxy's count at the kill is what the client received (not MiBs in socket buffers).
     px.rate_limit = 256 * MiB
     args = ("--progress", "none", "--part-size", "64", "--streams", streams)
-    p = cli.popen("pull", ref, *args, out=tmp_path / "first.log")
+    p = cli.popen("pull", ref, *args, log=tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 150
         while px.bytes_for(digest) < 0.4 * size:
@@ -488,7 +425,7 @@ def test_resume_after_sigkill(big: Artifact, px: Proxy, cli: Cli, tmp_path: Path
         f"{sent_first / MiB:.1f} MiB (ingest part map after the kill: {kept}; took {time.monotonic() - t0:.1f}s)"
     )
     assert json.loads(r.stdout)["digest"] == big.digest
-    cli.fsck_ok()
+    cli.fsck()
     cli.assert_blob(digest, size)
     assert not list((cli.root / "ingest").glob("*/data"))
 
@@ -499,10 +436,10 @@ def medium(registry: Registry) -> Artifact:
     return push_artifact(oci.Client(registry), "pull/medium", files)
 
 
-def test_eight_concurrent_pulls_download_once(medium: Artifact, px: Proxy, cli: Cli, tmp_path: Path) -> None:
+def test_eight_concurrent_pulls_download_once(medium: Artifact, px: Proxy, cli: Imagevol, tmp_path: Path) -> None:
     ref = medium.ref(px.host)
     procs = [
-        cli.popen("pull", ref, "--progress", "none", "--part-size", "16", out=tmp_path / f"p{i}.log") for i in range(8)
+        cli.popen("pull", ref, "--progress", "none", "--part-size", "16", log=tmp_path / f"p{i}.log") for i in range(8)
     ]
     try:
         for p in procs:
@@ -518,14 +455,14 @@ def test_eight_concurrent_pulls_download_once(medium: Artifact, px: Proxy, cli: 
     for d, n in {**medium.blobs, medium.config: len(oci.OCI_EMPTY_DATA)}.items():
         assert px.bytes_for(d) == n, (d, n, px.requests_for(d))
         cli.assert_blob(d, n)
-    cli.fsck_ok()
+    cli.fsck()
 
 
 # --------------------------------------------------------------------------- refused content and faults
 
 
 @pytest.mark.parametrize("part_mib", ["64", "1"], ids=["stream", "ranged"])
-def test_wrong_bytes_refused(small: Artifact, px: Proxy, cli: Cli, part_mib: str) -> None:
+def test_wrong_bytes_refused(small: Artifact, px: Proxy, cli: Imagevol, part_mib: str) -> None:
     digest, _ = _blob_of(small, 6 * MiB)
     px.fault = Fault(match=digest, wrong_bytes=True, flip_offset=12345)
     r = cli.pull(small.ref(px.host), "--part-size", part_mib, "--streams", "4")
@@ -533,14 +470,14 @@ def test_wrong_bytes_refused(small: Artifact, px: Proxy, cli: Cli, part_mib: str
     assert px.fault_hits >= 1
     assert not cli.blob(digest).exists()
     assert cli.images() == []
-    cli.fsck_ok()
+    cli.fsck()
 
 
 @pytest.mark.parametrize("part_mib", ["64", "1"], ids=["stream", "ranged"])
 @pytest.mark.parametrize("mode", ["truncate", "reset"])
 @pytest.mark.parametrize("times", [1, None], ids=["once", "always"])
 def test_cut_body_is_an_error_or_a_verified_retry(
-    small: Artifact, px: Proxy, cli: Cli, part_mib: str, mode: str, times: int | None
+    small: Artifact, px: Proxy, cli: Imagevol, part_mib: str, mode: str, times: int | None
 ) -> None:
     digest, size = _blob_of(small, 6 * MiB)
     # Cut once mid-body, or cut every answer right after its headers (no progress is possible).
@@ -557,26 +494,26 @@ def test_cut_body_is_an_error_or_a_verified_retry(
         assert not cli.blob(digest).exists()
     if times is None:
         assert r.returncode != 0, "every answer was cut, yet the pull succeeded"
-    cli.fsck_ok()
+    cli.fsck()
     # Whatever happened, a clean run completes (resuming what was kept) and verifies.
     px.fault = None
     _ok(cli.pull(small.ref(px.host), "--part-size", part_mib, "--streams", "4"))
     for d, n in small.blobs.items():
         cli.assert_blob(d, n)
-    cli.fsck_ok()
+    cli.fsck()
 
 
-def test_ignore_range_still_verified(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_ignore_range_still_verified(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     digest, size = _blob_of(small, 6 * MiB)
     px.fault = Fault(match=digest, ignore_range=True)
     _ok(cli.pull(small.ref(px.host), "--part-size", "1", "--streams", "4"))
     ranged = [q for q in px.requests_for(digest) if q.range]
     assert ranged and all(q.status == 200 for q in ranged), px.requests_for(digest)
     cli.assert_blob(digest, size)
-    cli.fsck_ok()
+    cli.fsck()
 
 
-def test_ignore_range_on_resume_restarts_verified(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_ignore_range_on_resume_restarts_verified(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     """A pull cut mid-blob leaves parts on disk; the next one asks for the rest with Range, gets
     200 and the whole blob, and must still store exactly the right bytes."""
     digest, size = _blob_of(small, 6 * MiB)
@@ -587,11 +524,11 @@ def test_ignore_range_on_resume_restarts_verified(small: Artifact, px: Proxy, cl
     px.fault = Fault(match=digest, ignore_range=True)
     _ok(cli.pull(small.ref(px.host)))
     cli.assert_blob(digest, size)
-    cli.fsck_ok()
+    cli.fsck()
 
 
 @pytest.mark.parametrize("target", ["blob", "manifest"])
-def test_429_with_retry_after_then_success(small: Artifact, px: Proxy, cli: Cli, target: str) -> None:
+def test_429_with_retry_after_then_success(small: Artifact, px: Proxy, cli: Imagevol, target: str) -> None:
     match = _blob_of(small, 6 * MiB)[0] if target == "blob" else "/manifests/"
     px.fault = Fault(match=match, status=429, retry_after=1, times=2)
     t0 = time.monotonic()
@@ -605,29 +542,29 @@ def test_429_with_retry_after_then_success(small: Artifact, px: Proxy, cli: Cli,
 
 
 @pytest.mark.parametrize("target", ["blob", "manifest"])
-def test_500s_retried_then_success(small: Artifact, px: Proxy, cli: Cli, target: str) -> None:
+def test_500s_retried_then_success(small: Artifact, px: Proxy, cli: Imagevol, target: str) -> None:
     match = _blob_of(small, 6 * MiB)[0] if target == "blob" else "/manifests/"
     px.fault = Fault(match=match, status=500, times=2)
     _ok(cli.pull(small.ref(px.host)))
     assert [q.status for q in px.requests if match in q.path][:3] == [500, 500, 200], px.requests
     for d, n in small.blobs.items():
         cli.assert_blob(d, n)
-    cli.fsck_ok()
+    cli.fsck()
 
 
-def test_500s_forever_is_a_clear_error(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_500s_forever_is_a_clear_error(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     digest, _ = _blob_of(small, 6 * MiB)
     px.fault = Fault(match=digest, status=500)
     r = cli.pull(small.ref(px.host), "--retries", "1")
     _clear_error(r, 1)
     assert "500" in r.stderr
     assert not cli.blob(digest).exists()
-    cli.fsck_ok()
+    cli.fsck()
 
 
 @pytest.mark.parametrize("which", ["basic_registry", "token_registry"])
 def test_cross_host_redirect_never_carries_authorization(
-    request: pytest.FixtureRequest, which: str, cli: Cli, tmp_path: Path
+    request: pytest.FixtureRequest, which: str, cli: Imagevol, tmp_path: Path
 ) -> None:
     reg: Registry = request.getfixturevalue(which)
     art = push_artifact(oci.Client(reg), f"pull/redirect-{which}", {"a.bin": os.urandom(3 * MiB), "b": b"tiny"})
@@ -646,28 +583,28 @@ def test_cross_host_redirect_never_carries_authorization(
         for d, n in art.blobs.items():
             assert any(d in path for path, _ in p.side.requests)
             cli.assert_blob(d, n)
-        cli.fsck_ok()
+        cli.fsck()
 
 
-def test_wrong_docker_content_digest_refused(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_wrong_docker_content_digest_refused(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     px.fault = Fault(match="/manifests/", wrong_docker_content_digest=True)
     r = cli.pull(small.ref(px.host))
     _clear_error(r, 4)
     assert "Docker-Content-Digest" in r.stderr
     assert cli.images() == []
     assert not any(cli.blob(d).exists() for d in small.blobs)
-    cli.fsck_ok()
+    cli.fsck()
 
 
-def test_wrong_content_type_refused(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_wrong_content_type_refused(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     px.fault = Fault(match="/manifests/", wrong_content_type=oci.DOCKER_MANIFEST_LIST)
     r = cli.pull(small.ref(px.host))
     _clear_error(r, 4)
     assert cli.images() == []
-    cli.fsck_ok()
+    cli.fsck()
 
 
-def test_stalled_body_times_out_and_retries(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_stalled_body_times_out_and_retries(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     digest, size = _blob_of(small, 3 * MiB)
     px.fault = Fault(match=digest, stall_seconds=6, times=1)
     t0 = time.monotonic()
@@ -680,13 +617,13 @@ def test_stalled_body_times_out_and_retries(small: Artifact, px: Proxy, cli: Cli
     else:
         _clear_error(r, 1)
         assert not cli.blob(digest).exists()
-    cli.fsck_ok()
+    cli.fsck()
 
 
 # --------------------------------------------------------------------------- pull policies
 
 
-def test_pull_never_with_empty_store(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_pull_never_with_empty_store(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     ref = small.ref(px.host)
     r = cli.pull(ref, "--pull", "never")
     _clear_error(r, 1)
@@ -694,7 +631,7 @@ def test_pull_never_with_empty_store(small: Artifact, px: Proxy, cli: Cli) -> No
     assert px.requests == []
 
 
-def test_pull_missing_twice_makes_no_request(small: Artifact, px: Proxy, cli: Cli) -> None:
+def test_pull_missing_twice_makes_no_request(small: Artifact, px: Proxy, cli: Imagevol) -> None:
     ref = small.ref(px.host)
     _ok(cli.pull(ref, "--pull", "missing"))
     seen = list(px.requests)
@@ -713,4 +650,4 @@ def test_pull_missing_twice_makes_no_request(small: Artifact, px: Proxy, cli: Cl
     assert len(px.requests) > len(seen)
     assert {d: px.bytes_for(d) for d in small.blobs} == before
     assert json.loads(r.stdout)["downloadedBytes"] == 0
-    cli.fsck_ok()
+    cli.fsck()

@@ -113,6 +113,8 @@ class Imagevol:
     root: Path
     home: Path
     watch: list[Path] = field(default_factory=list)
+    #: every target ``mount`` was asked for; ``cleanup()`` unmounts these too
+    targets: list[Path] = field(default_factory=list)
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "imagevol", "--root", str(self.root), *args]
@@ -140,10 +142,11 @@ class Imagevol:
 
     # ---- commands
 
-    def pull(self, ref: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run("pull", ref, "--progress", "none", *args)
+    def pull(self, ref: str, *args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return self.run("pull", ref, "--progress", "none", *args, timeout=timeout)
 
     def mount(self, ref: str, target: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        self.targets.append(Path(target))
         return self.run("mount", ref, str(target), "--progress", "none", "--json", *args)
 
     def mount_ok(self, ref: str, target: Path, *args: str) -> dict:
@@ -154,8 +157,8 @@ class Imagevol:
     def unmount(self, target: Path) -> subprocess.CompletedProcess[str]:
         return self.run("unmount", str(target))
 
-    def volumes(self) -> list[dict]:
-        r = self.run("volumes", "--json")
+    def volumes(self, *args: str) -> list[dict]:
+        r = self.run("volumes", "--json", *args)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -176,13 +179,20 @@ class Imagevol:
         alg, hex_ = digest.split(":", 1)
         return self.root / "blobs" / alg / hex_
 
+    def assert_blob(self, digest: str, size: int) -> None:
+        """The blob is in the store, of ``size`` bytes, and its content hashes to ``digest``."""
+        path = self.blob(digest)
+        assert path.is_file(), f"{digest} is not in the store"
+        assert path.stat().st_size == size
+        assert sha256_file(path) == digest
+
     def snapshot_dirs(self) -> list[str]:
         d = self.root / "snapshots"
         return sorted(os.listdir(d)) if d.is_dir() else []
 
     def cleanup(self) -> None:
         """Unmount what is still mounted under the watched directories (teardown, not under test)."""
-        left: set[str] = set()
+        left: set[str] = {str(t) for t in self.targets} & mountpoints()
         for d in self.watch:
             left |= mounts_under(d)
         if not left:

@@ -9,13 +9,14 @@ multi-GiB layer never exists in memory. ``nested_json`` is ``{"a": [[[...]]]}`` 
 
 from __future__ import annotations
 
-import gzip
 import io
 import tarfile
 import zlib
 from dataclasses import dataclass, field
 
 import zstandard
+
+from tests.support.blobs import gz
 
 MTIME = 1_700_000_000
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
@@ -130,10 +131,6 @@ def bomb_diff_id(size: int, *, name: str = "bomb.bin", fill: bytes = b"\0", trai
     for p in _one_file_tar_stream(name, size, fill, trailer):
         h.update(p)
     return "sha256:" + h.hexdigest()
-
-
-def gz(data: bytes) -> bytes:
-    return gzip.compress(data, mtime=0)
 
 
 def push_image(client, repo: str, tag: str, layers: list[tuple[str, bytes, str]], *, arch: str = "amd64") -> str:

@@ -14,13 +14,14 @@ manifests, indexes, manifest lists and artifacts with the empty config.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
 import urllib3
+
+from tests.support.blobs import sha256_digest
 
 # Media types, spelled out here so fixtures do not depend on imagevol.
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -38,10 +39,6 @@ ACCEPT_ALL = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MA
 
 DEFAULT = object()  # "use the registry's first user" for creds
 TIMEOUT = urllib3.Timeout(connect=5.0, read=60.0)
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def canonical_json(obj: Any) -> bytes:

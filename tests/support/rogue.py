@@ -20,20 +20,17 @@ imagevol's code.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.support.blobs import sha256_digest
+
 STREAM_CAP = 256 << 20
 STREAM_SECONDS = 60.0
 CHUNK = 64 << 10
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass

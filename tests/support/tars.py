@@ -8,11 +8,12 @@ artifact. Nothing here uses imagevol's code.
 
 from __future__ import annotations
 
-import gzip
 import io
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
+
+from tests.support.blobs import gz
 
 from .oci import (
     OCI_CONFIG,
@@ -77,10 +78,6 @@ def tar_layer(entries: list[E]) -> bytes:
 def files_tar(files: dict[str, bytes], *, mode: int = 0o644) -> bytes:
     """A tar of regular files (parent directories implied)."""
     return tar_layer([E(name, data, mode=mode) for name, data in sorted(files.items())])
-
-
-def gz(data: bytes) -> bytes:
-    return gzip.compress(data, mtime=0)
 
 
 def push_image(client: Client, repo: str, tag: str, layers: list[bytes], *, arch: str = "amd64") -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import io
 import json
 import multiprocessing
@@ -28,14 +26,14 @@ from imagevol.materialize import (
 )
 from imagevol.store import Store
 from imagevol.unpack.applier import ApplyOptions
+from tests.support.blobs import gz
+from tests.support.blobs import sha256_digest as sha
 from tests.support.deeptree import make_deep, rm_deep
 
 AT = "application/vnd.example.artifact"
 
 
 # -- builders --------------------------------------------------------------------------------------
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def tar(entries: list[tuple[str, Any]]) -> bytes:
@@ -59,10 +57,6 @@ def tar(entries: list[tuple[str, Any]]) -> bytes:
                 ti.mode = mode
                 tf.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
-
-
-def gz(data: bytes) -> bytes:
-    return gzip.compress(data, mtime=0)
 
 
 class Builder:

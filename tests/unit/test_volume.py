@@ -29,11 +29,11 @@ from imagevol.volume import (
     remove_volume,
     resolve_subpath,
 )
-from tests.unit.test_materialize import Builder, gz, tar, tree
+from tests.support import need
+from tests.support.blobs import gz
+from tests.unit.test_materialize import Builder, tar, tree
 
-IS_ROOT = os.geteuid() == 0
-ALLOW_SKIP = os.environ.get("IMAGEVOL_ALLOW_SKIP") == "1"
-root_only = pytest.mark.skipif(not IS_ROOT and ALLOW_SKIP, reason="bind mounts need root")
+root_only = need.root_only("bind mounts need root")
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
 
@@ -81,10 +81,8 @@ def artifact(store: Store) -> Snapshot:
 @pytest.fixture
 def world_dir_unit() -> Iterator[Path]:
     """A directory every user can traverse (pytest's tmp dirs are 0700), for setpriv'd users."""
-    if not IS_ROOT or shutil.which("setpriv") is None:
-        if ALLOW_SKIP:
-            pytest.skip("needs root and setpriv (util-linux)")
-        pytest.fail("needs root and setpriv (util-linux); IMAGEVOL_ALLOW_SKIP=1 skips")
+    need.need_root("setpriv'd users")
+    need.need_tool("setpriv")
     d = Path(tempfile.mkdtemp(prefix="imagevol-vol-", dir="/tmp"))
     os.chmod(d, 0o777)
     yield d
@@ -505,14 +503,8 @@ def test_abandoned_volume_is_not_undone_through_a_swapped_parent(store: Store, i
 @pytest.fixture
 def xfs(tmp_path: Path) -> Iterator[Path]:
     """A loop-mounted XFS with reflink=1 (root, mkfs.xfs from xfsprogs)."""
-    if not IS_ROOT:
-        if ALLOW_SKIP:
-            pytest.skip("needs root")
-        pytest.fail("needs root; IMAGEVOL_ALLOW_SKIP=1 skips")
-    if shutil.which("mkfs.xfs") is None:
-        if ALLOW_SKIP:
-            pytest.skip("mkfs.xfs (xfsprogs) is not installed")
-        pytest.fail("mkfs.xfs is needed (xfsprogs; `./dev setup` installs it); IMAGEVOL_ALLOW_SKIP=1 skips")
+    need.need_root("a loop-mounted XFS")
+    need.need_tool("mkfs.xfs")
     image = tmp_path / "xfs.img"
     with open(image, "wb") as f:
         f.truncate(512 << 20)
