@@ -22,7 +22,8 @@ from imagevol import mediatypes as mt
 from imagevol.errors import ImagevolError, InvalidPlatformError, NoMatchError
 from imagevol.platform import ContainerdMatcher, Platform, normalize, parse_platform_containerd21
 from imagevol.reference import parse_any, runtime_reference
-from imagevol.resolve.select import CrioNestedIndexError, CrioUnusableEntryError, Selector
+from imagevol.resolve.runtimes import CrioNestedIndexError, CrioUnusableEntryError
+from imagevol.resolve.select import Selector
 from imagevol.sources.layout import LayoutSource
 from tests.truth.cases import load
 from tests.truth.skopeo_oracle import SKOPEO

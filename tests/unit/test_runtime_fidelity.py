@@ -19,7 +19,7 @@ from imagevol.materialize import materialize, snapshot_key
 from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_any, parse_reference, runtime_reference
 from imagevol.resolve.explain import explain, predict, render_explain
-from imagevol.resolve.select import NESTED_ARTIFACT_ERROR, NESTED_IMAGE_ERROR, crio_image_name
+from imagevol.resolve.runtimes import NESTED_ARTIFACT_ERROR, NESTED_IMAGE_ERROR, crio_image_name
 from imagevol.sources.factory import open_source
 from imagevol.sources.layout import LayoutSource
 from imagevol.store import Store

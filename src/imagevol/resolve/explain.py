@@ -19,10 +19,9 @@ from ..manifest import MAX_CONFIG_SIZE, Descriptor, Index, Manifest, flavour, pa
 from ..platform import Platform
 from ..reference import Reference, runtime_reference
 from ..sources.base import Source
+from .runtimes import CrioNestedIndexError, CrioUnusableEntryError
 from .select import (
     MAX_DEPTH,
-    CrioNestedIndexError,
-    CrioUnusableEntryError,
     IndexStep,
     Selection,
     Selector,
