@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import imagevol.platform as plat
+import imagevol.platform.host as plat_host
 from imagevol.errors import InvalidPlatformError, UsageError
 from imagevol.platform import (
     ContainerdMatcher,
@@ -36,8 +36,8 @@ def strs(platforms: list[Platform]) -> list[str]:
 @pytest.fixture(autouse=True)
 def _pin_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs as if on linux/amd64, so host-dependent parses are deterministic."""
-    monkeypatch.setattr(plat, "_host_spec", lambda: Platform("linux", "amd64"))
-    monkeypatch.setattr(plat, "_host_os", lambda: "linux")
+    monkeypatch.setattr(plat_host, "_host_spec", lambda: Platform("linux", "amd64"))
+    monkeypatch.setattr(plat_host, "_host_os", lambda: "linux")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,8 +750,8 @@ def test_parse_rejects_non_strings(bad: object) -> None:
 def test_parse_lone_component_uses_host(
     monkeypatch: pytest.MonkeyPatch, host: Platform, spec: str, expected: Platform
 ) -> None:
-    monkeypatch.setattr(plat, "_host_spec", lambda: host)
-    monkeypatch.setattr(plat, "_host_os", lambda: host.os)
+    monkeypatch.setattr(plat_host, "_host_spec", lambda: host)
+    monkeypatch.setattr(plat_host, "_host_os", lambda: host.os)
     assert parse_platform(spec) == expected
 
 
@@ -1089,7 +1089,7 @@ def test_platform_value_semantics() -> None:
     ],
 )
 def test_cpu_variant_from_machine(machine: str, expected: str | None) -> None:
-    assert plat._cpu_variant_from_machine(machine) == expected
+    assert plat_host._cpu_variant_from_machine(machine) == expected
 
 
 _CPUINFO_ARM64 = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
@@ -1122,24 +1122,24 @@ _CPUINFO_X86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R
     ],
 )
 def test_detect_host(goos: str, machine: str, bits: int, cpuinfo: str | None, expected: Platform) -> None:
-    assert normalize(plat._detect_host(goos, machine, bits, cpuinfo)) == expected
+    assert normalize(plat_host._detect_host(goos, machine, bits, cpuinfo)) == expected
 
 
 def test_detect_host_windows_os_version() -> None:
-    raw = plat._detect_host("windows", "AMD64", 64, None, (10, 0, 20348))
+    raw = plat_host._detect_host("windows", "AMD64", 64, None, (10, 0, 20348))
     assert normalize(raw) == Platform("windows", "amd64", "", "10.0.20348")
     assert raw.format_all() == "windows(10.0.20348)/amd64"
 
 
 def test_detect_host_raw_arm64_variant_is_v8() -> None:
     # containerd DefaultSpec carries v8 before Normalize drops it
-    assert plat._detect_host("linux", "aarch64", 64, _CPUINFO_ARM64).variant == "v8"
+    assert plat_host._detect_host("linux", "aarch64", 64, _CPUINFO_ARM64).variant == "v8"
 
 
 def test_host_platform_is_normalized(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plat, "_host_spec", lambda: Platform("linux", "arm64", "v8"))
+    monkeypatch.setattr(plat_host, "_host_spec", lambda: Platform("linux", "arm64", "v8"))
     assert host_platform() == Platform("linux", "arm64")
-    monkeypatch.setattr(plat, "_host_spec", lambda: Platform("linux", "arm", ""))
+    monkeypatch.setattr(plat_host, "_host_spec", lambda: Platform("linux", "arm", ""))
     assert host_platform() == Platform("linux", "arm", "v7")
 
 
