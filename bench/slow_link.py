@@ -80,7 +80,7 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MOUNT_HELPER = r"""
 import json, sys
 import imagevol
-from imagevol.registry.client import RegistryOptions
+from imagevol.registry.transport import RegistryOptions
 ref, target, root, stream, host = sys.argv[1:6]
 res = imagevol.mount(ref, target, root=root, stream=stream == "1",
                      options=RegistryOptions(insecure_hosts=frozenset({host})))

@@ -37,7 +37,8 @@ from .materialize import (
 from .platform import Platform
 from .progress import ProgressFn
 from .reference import LayoutReference, Reference
-from .registry.client import RegistryOptions, RegistrySource
+from .registry.transport import RegistryOptions
+from .sources.registry import RegistrySource
 from .store import FsckResult, GcResult, Store
 from .store import fsck as store_fsck
 from .store import gc as store_gc

@@ -617,8 +617,8 @@ def test_a_job_leaves_the_table_only_when_done(tmp_path: Path, content: Content,
     from imagevol.csi.publisher import PluginConfig, Publisher, canonical_target
     from imagevol.csi.status import Pending
     from imagevol.platform import parse_platform
-    from imagevol.registry.client import RegistryOptions
     from imagevol.registry.egress import EgressPolicy
+    from imagevol.registry.transport import RegistryOptions
 
     node = [parse_platform(NODE)]
     loopback = RegistryOptions(egress=EgressPolicy.parse(["127.*:*"]))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from imagevol.pack import DEFAULT_PLATFORMS, TREE_TITLE, pack
-from imagevol.registry.client import RegistryOptions
 from imagevol.registry.credentials import Credential
+from imagevol.registry.transport import RegistryOptions
 from tests.support.need import need_tool
 from tests.support.trees import compare, scan
 

@@ -146,7 +146,7 @@ def test_refused_layer_stops_the_pull_and_leaves_nothing(bomb: Img, px: Proxy, i
 def test_stream_false_builds_the_same_snapshot(image: Img, registry: Registry, tmp_path: Path) -> None:
     """The library's `stream=False` (pull everything, then extract) gives the same tree."""
     import imagevol
-    from imagevol.registry.client import RegistryOptions
+    from imagevol.registry.transport import RegistryOptions
 
     opts = RegistryOptions()
     a = imagevol.mount(image.ref(registry.host), str(tmp_path / "a"), root=tmp_path / "s1", options=opts, mode="copy")

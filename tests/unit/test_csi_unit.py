@@ -298,8 +298,8 @@ def test_failed_jobs_nobody_collects_are_dropped(tmp_path: Path, monkeypatch: py
     """A publish whose pull fails after its caller gave up keeps its failure for the retry only
     for FAILED_RESULT_TTL; after that the job goes, so pods deleted meanwhile leave nothing behind."""
     from imagevol.csi import publisher as pubmod
-    from imagevol.registry.client import RegistryOptions
     from imagevol.registry.egress import EgressPolicy
+    from imagevol.registry.transport import RegistryOptions
     from tests.support.registry import free_port
 
     dead = f"127.0.0.1:{free_port()}"  # nothing listens there: the pull fails at once

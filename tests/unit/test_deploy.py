@@ -28,9 +28,9 @@ import yaml
 
 from imagevol.platform import parse_platform_list
 from imagevol.reference import parse_reference
-from imagevol.registry.client import RegistryOptions
 from imagevol.registry.egress import EgressPolicy
 from imagevol.registry.regconf import load_registries_conf, pull_endpoints
+from imagevol.registry.transport import RegistryOptions
 from imagevol.sources.factory import pull_hosts
 from tests.support.need import need_tool
 

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 
 from imagevol.errors import EgressRefusedError, UsageError
-from imagevol.registry.client import error_detail, oci_error_text
 from imagevol.registry.egress import EgressPolicy, node_addresses, special_kind
+from imagevol.registry.errortext import error_detail, oci_error_text
 
 
 @pytest.mark.parametrize(

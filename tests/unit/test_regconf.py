@@ -626,7 +626,8 @@ def test_tls_material_explicit_dir(tmp_path: Path, home: Path) -> None:
 
 def test_mirrors_get_the_reference_registry_as_ns(tmp_path: Path) -> None:
     from imagevol.reference import parse_reference
-    from imagevol.registry.client import RegistryClient, RegistryEndpoint, RegistryOptions, Transport
+    from imagevol.registry.client import RegistryClient, RegistryEndpoint
+    from imagevol.registry.transport import RegistryOptions, Transport
     from imagevol.sources.factory import pull_hosts, registry_endpoints
 
     conf = tmp_path / "registries.conf"

@@ -140,8 +140,8 @@ def registry_options(fn: F) -> F:
 def make_options(kw: dict[str, Any], *, always_restrict: bool = False) -> Any:
     """RegistryOptions from the registry flags. The egress policy (--allow-registry) applies when
     entries are given, or always with ``always_restrict`` (the CSI plugin)."""
-    from ..registry.client import RegistryOptions
     from ..registry.egress import EgressPolicy
+    from ..registry.transport import RegistryOptions
 
     allow = kw.pop("allow_registry", ()) or ()
     return RegistryOptions(

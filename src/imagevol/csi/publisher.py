@@ -92,10 +92,11 @@ from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
 from ..progress import ProgressEvent
 from ..reference import Reference, parse_any
-from ..registry.client import RegistryOptions, RegistrySource
 from ..registry.egress import EgressPolicy
+from ..registry.transport import RegistryOptions
 from ..resolve.select import Selection
 from ..sources.factory import open_source
+from ..sources.registry import RegistrySource
 from ..store import Store
 from ..unpack.applier import ApplyOptions
 from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume, resolve_subpath

@@ -39,10 +39,12 @@ from ..manifest import Descriptor, Index, Manifest
 from ..platform import Platform, host_platform
 from ..progress import ProgressEvent, ProgressFn
 from ..reference import LayoutReference, Reference, parse_any, ref_key
-from ..registry.client import RegistryOptions, RegistrySource, interruptible_by
+from ..registry.client import interruptible_by
+from ..registry.transport import RegistryOptions
 from ..resolve.select import Selection, select_manifest
 from ..sources.base import Source
 from ..sources.factory import open_source
+from ..sources.registry import RegistrySource
 from ..sources.storesrc import StoreSource
 from ..store import Store
 from .pieces import PIECE, Buffers, PieceFetch, RangeIgnored

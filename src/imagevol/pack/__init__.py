@@ -991,7 +991,7 @@ def pack(
 
     ``platforms``: a list (or comma-separated string) of platforms for the index (default for
     images: :data:`DEFAULT_PLATFORMS`); ``agnostic``: one platform-less entry. ``options``: a
-    :class:`imagevol.registry.client.RegistryOptions`. ``progress`` receives
+    :class:`imagevol.registry.transport.RegistryOptions`. ``progress`` receives
     :class:`imagevol.pull.ProgressEvent` values. ``chunk_size``: bytes per PATCH of a chunked
     upload (blobs up to that size go in one PUT). ``mount_from``: repositories on the same registry
     to mount blobs from. ``digest_cache``: a :class:`~imagevol.sinks.digestcache.DigestCache` or its

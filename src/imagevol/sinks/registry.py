@@ -36,7 +36,9 @@ from ..digest import Digest, digest_bytes
 from ..errors import AuthError, DigestMismatchError, NotFoundError, RegistryError, TransportError, UsageError
 from ..manifest import Descriptor
 from ..reference import Reference, is_domain
-from ..registry.client import RegistryClient, RegistryOptions, Transport, error_detail
+from ..registry.client import RegistryClient
+from ..registry.errortext import error_detail
+from ..registry.transport import RegistryOptions, Transport
 from . import PIECE, Blob, PushStats
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "RegistrySink"]

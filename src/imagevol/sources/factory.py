@@ -7,9 +7,11 @@ from typing import Any, BinaryIO
 from ..errors import AuthError, NotFoundError
 from ..manifest import Descriptor, Index, Manifest
 from ..reference import LayoutReference, Reference, is_domain, parse_any, parse_reference
-from ..registry.client import RegistryEndpoint, RegistryOptions, RegistrySource, Transport
+from ..registry.client import RegistryEndpoint
+from ..registry.transport import RegistryOptions, Transport
 from .base import Source
 from .layout import LayoutSource
+from .registry import RegistrySource
 
 
 def pull_hosts(ref: Reference, options: RegistryOptions) -> tuple[list[RegistryEndpoint], frozenset[str]]:
