@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import imagevol.unpack.applier as applier_mod
+import imagevol.unpack.paths as paths_mod
 from imagevol.errors import ContentRefusedError, LimitExceededError, UnsafeContentError
 from imagevol.unpack.applier import DEFAULT_MAX_ENTRIES, ApplyOptions, apply_layer
 from tests.support.tars import hardlinks_gz, many_entries_gz
@@ -262,7 +263,7 @@ def test_state_moved_to_disk_gives_the_same_tree(tmp_path, monkeypatch, spill_at
     expected_root.mkdir()
     _lower(expected_root)
     apply_layer(expected_root, io.BytesIO(layer))
-    monkeypatch.setattr(applier_mod, "SPILL_AT", spill_at)
+    monkeypatch.setattr(paths_mod, "SPILL_AT", spill_at)
     root = tmp_path / "disk"
     root.mkdir()
     _lower(root)
@@ -277,7 +278,7 @@ def test_state_moved_to_disk_gives_the_same_tree(tmp_path, monkeypatch, spill_at
 def test_state_moved_to_disk_keeps_the_root_times(tmp_path, monkeypatch) -> None:
     """The database file is created in the root and unlinked at once: the root's mtime, which a
     layer that writes only below existing directories leaves alone, must not change."""
-    monkeypatch.setattr(applier_mod, "SPILL_AT", 1)
+    monkeypatch.setattr(paths_mod, "SPILL_AT", 1)
     (tmp_path / "usr").mkdir()
     os.utime(tmp_path, ns=(5, 7))
     apply_layer(tmp_path, io.BytesIO(_tar([F(f"usr/f{i}") for i in range(10)])))
@@ -286,7 +287,7 @@ def test_state_moved_to_disk_keeps_the_root_times(tmp_path, monkeypatch) -> None
 
 
 def test_state_moved_to_disk_refuses_duplicates(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(applier_mod, "SPILL_AT", 2)
+    monkeypatch.setattr(paths_mod, "SPILL_AT", 2)
     layer = _tar([F("a"), F("b"), F("c"), F("a", b"again")])
     with pytest.raises(UnsafeContentError, match="writes this path twice"):
         apply_layer(tmp_path, io.BytesIO(layer), options=ApplyOptions(duplicates="refuse"))
