@@ -280,10 +280,12 @@ POINTS = [
     Point("mount-record-written-not-renamed", "mount", "imagevol.materialize:_write_info@after#1"),
     # The read-only bind is one step (open_tree + mount_setattr + move_mount): killed right after it,
     # the volume is recorded already. (A kernel without that API falls back to bind + remount.)
-    Point("mount-bound", "mount", "imagevol.volume:_bind_ro_atomic@after"),
+    # Points name the module a name is looked up in: `_bind` is imported into imagevol.volume and
+    # called there (create_volume); `_umount` is called by `_teardown` in volume/subpath.py.
+    Point("mount-bound", "mount", "imagevol.volume.bind:_bind_ro_atomic@after"),
     Point("mount-bound-fully", "mount", "imagevol.volume:_bind@after"),
     Point("mount-recorded-no-lease", "mount", "imagevol.store.meta:Meta.add_volume@after"),
-    Point("unmount-unmounted-not-forgotten", "unmount", "imagevol.volume:_umount@after"),
+    Point("unmount-unmounted-not-forgotten", "unmount", "imagevol.volume.subpath:_umount@after"),
     Point("gc-mid-blob-sweep", "gc", "imagevol.store.blobs:Store.remove_blob@after#2"),
     Point("gc-mid-snapshot-delete", "gc", "imagevol.fstree:_open_for_removal@before#4"),
 ]

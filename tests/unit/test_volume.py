@@ -427,7 +427,7 @@ def test_subpath_errors_tell_nothing_about_the_host(store: Store, tmp_path: Path
     """`host -> /` in the image: sub paths through it, missing ones, ones under a file and a final
     symlink all get the same error (only the sub path differs), with openat2 and with the
     per-component O_NOFOLLOW walk of kernels without it."""
-    import imagevol.volume as volume
+    import imagevol.volume.subpath as volume
 
     if kernel == "no-openat2":
         monkeypatch.setattr(volume, "_openat2", lambda *a: None)
@@ -579,7 +579,7 @@ def test_target_parents_are_created_without_following_symlinks(tmp_path: Path) -
     """Mount-time creation of a target's parents walks from / with O_NOFOLLOW: a component that
     became a symlink after the target was canonicalized (a race with its owner) is refused, and
     nothing is created behind it (`Path.mkdir(parents=True)` followed it)."""
-    from imagevol.volume import _open_parent
+    from imagevol.volume.subpath import _open_parent
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
