@@ -13,13 +13,13 @@ __all__ = ["__version__", "explain", "inspect", "mount", "pull", "unmount"]
 
 if TYPE_CHECKING:
     from .compose import MountResult
-    from .fetch.pull import PullResult
+    from .fetch import PullResult
     from .volume import Volume
 
 
 def pull(ref: str, **kwargs: Any) -> PullResult:
-    """Resolve `ref` for a node and fetch its content into the store (see :func:`imagevol.fetch.pull.pull`)."""
-    from .fetch.pull import pull as _pull
+    """Resolve `ref` for a node and fetch its content into the store (see :func:`imagevol.fetch.plan.pull`)."""
+    from .fetch import pull as _pull
 
     return _pull(ref, **kwargs)
 

@@ -22,7 +22,7 @@ from .errors import (
     StoreError,
     UnsafeContentError,
 )
-from .fetch.pull import LayerStream, PullPlan, PullResult, plan_pull
+from .fetch import LayerStream, PullPlan, PullResult, plan_pull
 from .manifest import Descriptor
 from .materialize import (
     MaterializeOptions,

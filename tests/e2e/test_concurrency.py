@@ -204,7 +204,7 @@ def test_rm_and_gc_cannot_pull_content_from_under_a_mount(registry, iv: Imagevol
     p = iv.popen(
         "mount", img.ref, str(target), "--progress", "none",
         log=tmp_path / "mount.log",
-        crash=(f"imagevol.fetch.pull:PullPlan.run@after:pause={mark}",),
+        crash=(f"imagevol.fetch.plan:PullPlan.run@after:pause={mark}",),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

@@ -34,7 +34,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import imagevol.fetch.pull
+import imagevol.fetch.fetcher
 from imagevol.csi import csi_pb2 as pb
 from imagevol.csi import csi_pb2_grpc as pb_grpc
 from tests.support import need, oci
@@ -53,7 +53,7 @@ NODE = "linux/amd64"
 Mode = pb.VolumeCapability.AccessMode
 RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
 # How often a pull records the progress of a blob (what a killed pull keeps).
-MARK_EVERY = getattr(imagevol.fetch.pull, "MARK_EVERY", 8 * MiB)
+MARK_EVERY = getattr(imagevol.fetch.fetcher, "MARK_EVERY", 8 * MiB)
 
 
 # --------------------------------------------------------------------------- the plugin process

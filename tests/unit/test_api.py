@@ -10,7 +10,7 @@ import imagevol
 
 
 def test_api_names_are_functions_after_their_submodules_are_imported() -> None:
-    for module in ("fetch.pull", "compose", "resolve.explain", "cli"):
+    for module in ("fetch.plan", "compose", "resolve.explain", "cli"):
         importlib.import_module(f"imagevol.{module}")
     for name in ("pull", "mount", "explain", "unmount", "inspect"):
         fn = getattr(imagevol, name)

@@ -291,7 +291,7 @@ def pull_options(fn: F) -> F:
 
 
 def do_pull(ctx: click.Context, ref: str, kw: dict[str, Any]) -> Any:
-    from ..fetch.pull import pull
+    from ..fetch import pull
 
     nodes = parse_nodes(kw.pop("platforms"))
     node = [p for n in nodes for p in n]

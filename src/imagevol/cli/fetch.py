@@ -42,7 +42,7 @@ def pull_cmd(ctx: click.Context, ref: str, output: str | None, as_json: bool, **
     for w in res.warnings:
         click.echo(f"warning: {w}", err=True)
     if output:
-        from ..fetch.pull import export_layout
+        from ..fetch import export_layout
         from ..store import Store
 
         export_layout(Store(ctx.obj["root"]), res, output)

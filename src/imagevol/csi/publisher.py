@@ -86,7 +86,7 @@ from typing import Any
 
 from ..digest import Digest
 from ..errors import AuthError, ImagevolError, NotFoundError, StoreError, UsageError
-from ..fetch.pull import PullResult, plan_pull
+from ..fetch import PullResult, plan_pull
 from ..manifest import Descriptor
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
