@@ -105,7 +105,7 @@ def mount(
     far a compressed layer may expand (decompression bombs), `max_entries` how many tar entries one
     layer may hold (inode bombs); None lifts a limit. With `stream`
     (the default), an image's largest missing layer is extracted while it downloads (see
-    :func:`_pull_and_materialize`); False pulls everything first.
+    :func:`pull_and_materialize`); False pulls everything first.
     """
     t0 = time.monotonic()
     store = root if isinstance(root, Store) else Store(root)
@@ -135,18 +135,42 @@ def mount(
         try:
             apply = ApplyOptions(max_ratio=max_ratio, max_size=max_size, max_entries=max_entries)
             options_m = MaterializeOptions(name_untitled=name_untitled, apply=apply)
-            streamed: list[str] = []
-            if stream and _can_overlap(plan, options_m):
-                res, snap, streamed = _pull_and_materialize(plan, options_m, _warn)
-            else:
-                res = plan.run()
-                for w in res.warnings:
-                    _warn(w)
-                snap = materialize(store, res.manifest, options=options_m, warn=_warn)
+            res, snap, streamed = pull_and_materialize(plan, options_m, _warn, stream=stream)
             vol = create_volume(store, snap, target, ref=res.reference, mode=mode, subpath=subpath, warn=_warn)
         finally:
             store.meta.remove_lease(lease)
     return MountResult(vol, res, snap, time.monotonic() - t0, warnings, streamed)
+
+
+def pull_and_materialize(
+    plan: PullPlan,
+    options: MaterializeOptions,
+    warn: Callable[[str], None] | None = None,
+    *,
+    stream: bool = True,
+) -> tuple[PullResult, Snapshot, list[str]]:
+    """Run `plan` and materialize its manifest with `options`: the one way from a planned pull to a
+    ready snapshot (``imagevol mount`` and the CSI plugin's publish both come here).
+
+    With `stream`, and where the extraction can overlap the download (:func:`_can_overlap`), the
+    largest missing layer is extracted while it downloads (:func:`_stream_and_materialize`);
+    otherwise the pull comes first, then the materialization (which finds a ready snapshot at
+    once). Returns the pull's result, the snapshot and the layers extracted while they downloaded
+    (digests). The pull's warnings go to `warn`. The caller holds the gc lock (shared) and keeps
+    the content it needs leased: nothing here takes a lease.
+    """
+
+    def _warn(msg: str) -> None:
+        if warn is not None:
+            warn(msg)
+
+    if stream and _can_overlap(plan, options):
+        return _stream_and_materialize(plan, options, _warn)
+    res = plan.run()
+    for w in res.warnings:
+        _warn(w)
+    snap = materialize(plan.store, res.manifest, options=options, warn=_warn)
+    return res, snap, []
 
 
 def _can_overlap(plan: PullPlan, options: MaterializeOptions) -> bool:
@@ -190,7 +214,7 @@ class _Feed:
         return self.store.open_blob(layer.digest)
 
 
-def _pull_and_materialize(
+def _stream_and_materialize(
     plan: PullPlan, options: MaterializeOptions, warn: Callable[[str], None]
 ) -> tuple[PullResult, Snapshot, list[str]]:
     """Pull in a thread of its own while the snapshot is built from what arrives.

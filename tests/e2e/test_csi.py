@@ -654,6 +654,56 @@ def test_a_job_leaves_the_table_only_when_done(tmp_path: Path, content: Content,
     assert not t1.exists()
 
 
+def test_publish_extracts_while_it_downloads_and_materializes_once(
+    tmp_path: Path, content: Content, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish goes through the composition `imagevol mount` uses: the shared pull extracts the
+    largest layer while it downloads (the streamed layers, as test_stream.py observes them), builds
+    the snapshot with the options the volume is made with, and the volume finds it ready: one
+    extraction, one GET of the layer."""
+    import imagevol.compose
+    import imagevol.csi.publisher as publisher
+    from imagevol.csi.attrs import parse_attributes
+    from imagevol.platform import parse_platform
+    from imagevol.registry.client import RegistryOptions
+    from imagevol.registry.egress import EgressPolicy
+
+    calls: list[tuple[str, bool, bool]] = []  # (who, fed by a pull in progress, snapshot created)
+
+    def spy(who: str, real):
+        def materialize(*args, **kw):
+            snap = real(*args, **kw)
+            calls.append((who, kw.get("feed") is not None, snap.created))
+            return snap
+
+        return materialize
+
+    monkeypatch.setattr(imagevol.compose, "materialize", spy("pull", imagevol.compose.materialize))
+    monkeypatch.setattr(publisher, "materialize", spy("volume", publisher.materialize))
+    node = [parse_platform(NODE)]
+    loopback = RegistryOptions(egress=EgressPolicy.parse(["127.*:*"]))
+    pub = publisher.Publisher(
+        publisher.PluginConfig(root=tmp_path / "store", node_id="n1", platforms=node, options=loopback)
+    )
+    pulls: list[publisher.SharedPull] = []
+    attach = pub._attach_pull
+    monkeypatch.setattr(pub, "_attach_pull", lambda *a: pulls.append(attach(*a)) or pulls[-1])
+    spec = parse_attributes({"image": content.big.ref(proxy.host)}, node)
+    proxy.rate_limit = 4 * MiB  # the 4 MiB layer takes a second: the extraction runs alongside
+    target = tmp_path / "pods" / "a" / "mount"
+    target.parent.mkdir(parents=True)
+    try:
+        pub.publish("vol-a", target, spec, timeout=120)
+        assert files_under(target) == content.big.files
+        layer = content.big.big[0]
+        assert len(pulls) == 1 and pulls[0].streamed == [layer]
+        assert calls == [("pull", True, True), ("volume", False, False)], calls
+        assert sum(1 for r in proxy.requests_for(layer) if r.method == "GET") == 1
+    finally:
+        pub.unpublish("vol-a", target)
+    assert not target.exists()
+
+
 def _call(fn, *args, **kw) -> object:
     try:
         return fn(*args, **kw)

@@ -16,7 +16,10 @@ pull policy, credentials): concurrent publishes of one image, whatever their vol
 one pull. The pull runs under the store's shared gc lock and ends by taking a lease (kind ``pull``,
 this process) on the chosen manifest, so gc cannot reclaim the content between the pull and the
 volumes made from it; the lease goes when the last job using the pull has made its volume (and
-with the process, if it dies).
+with the process, if it dies). The pull also builds the snapshot, as ``imagevol mount`` does
+(:func:`imagevol.compose.pull_and_materialize`: the largest missing layer of an image is extracted
+while it downloads); that is store content, and no volume exposes it before the access check
+below. Each job then makes its volume from the snapshot, found ready.
 
 References. A reference the plugin pulled that was not in the store before is marked as the
 plugin's (``R/csi/refs/``): when its last volume is unpublished, or a publish ends without a volume
@@ -84,6 +87,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..compose import pull_and_materialize
 from ..digest import Digest
 from ..errors import AuthError, ImagevolError, NotFoundError, StoreError, UsageError
 from ..fetch import PullResult, plan_pull
@@ -117,6 +121,12 @@ CHECK_CONCURRENCY = 4
 """Private digests of one publish confirmed at the registry at once."""
 SAMPLE_BYTES = 4096
 """Size of the slice of a private blob a registry must serve to confirm it holds the blob."""
+
+
+def materialize_options() -> MaterializeOptions:
+    """How the plugin materializes every volume's snapshot: the shared pull builds it with these
+    (while downloading, where it can) and :meth:`Publisher._make_volume` finds it ready."""
+    return MaterializeOptions(apply=ApplyOptions())
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,7 @@ class SharedPull:
     downloaded: int = 0
     jobs: list[Job] = field(default_factory=list)  # the jobs waiting on it (under Publisher._mu)
     running: bool = False
+    streamed: list[str] = field(default_factory=list)  # layers extracted while they downloaded
 
     def progress_text(self) -> str:
         mib = 1 << 20
@@ -715,7 +726,8 @@ class Publisher:
             log.warning("volume %s (%s): %s", job.volume_id, spec.image, msg)
 
         with store.lock("gc", shared=True):
-            snap = materialize(store, res.manifest, options=MaterializeOptions(apply=ApplyOptions()), warn=warn)
+            # Built by the shared pull (_run_pull): found ready here.
+            snap = materialize(store, res.manifest, options=materialize_options(), warn=warn)
             if spec.subpath and not _subpath_inside(snap, spec.subpath, res.reference):
                 kind = "image" if snap.flavour == "image" else f"{snap.flavour} artifact"
                 raise NotFoundError(
@@ -826,7 +838,11 @@ class Publisher:
                     if creds_key and plan.offline is None:
                         # What this secret fetches first is private, marked before the fetch starts.
                         self._mark_private([u for u in used if not store.has_blob(u.digest)])
-                    res = plan.run()
+                    # The snapshot is built with the pull (the largest layer extracted while it
+                    # downloads, where it can): store content, exposed by no volume before _admit.
+                    res, snap, sp.streamed = pull_and_materialize(
+                        plan, materialize_options(), lambda msg: log.warning("pull %s: %s", spec.image, msg)
+                    )
                     if not existed and store.meta.get_ref(res.reference) is not None:
                         # The plugin's reference (forgotten with its last volume, or at once if refused).
                         _write_json(self._ref_marker(res.reference), {"ref": res.reference, "since": time.time()})
@@ -837,13 +853,13 @@ class Publisher:
                     lease = f"csi-pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
                     store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
                 sp.lease = lease
-                for w in res.warnings:
-                    log.warning("pull %s: %s", spec.image, w)
                 self.metrics.pulls.labels("success").inc()
                 self.metrics.pull_seconds.observe(time.monotonic() - sp.started)
                 log.info(
-                    "pulled %s -> %s: %d bytes downloaded, %d reused, %.2f s",
-                    spec.image, res.digest, res.downloaded, res.reused, time.monotonic() - sp.started,
+                    "pulled %s -> %s: %d bytes downloaded, %d reused, snapshot %s%s, %.2f s",
+                    spec.image, res.digest, res.downloaded, res.reused, "built" if snap.created else "found",
+                    f" ({len(sp.streamed)} layer(s) extracted while downloading)" if sp.streamed else "",
+                    time.monotonic() - sp.started,
                 )  # fmt: skip
             except BaseException as e:
                 self.metrics.pulls.labels("failure").inc()
