@@ -98,7 +98,7 @@ from ..progress import ProgressEvent
 from ..reference import Reference, parse_any
 from ..registry.egress import EgressPolicy
 from ..registry.transport import RegistryOptions
-from ..resolve.select import Selection
+from ..resolve.trace import Selection
 from ..sources.factory import open_source
 from ..sources.registry import RegistrySource
 from ..store import Store

@@ -53,7 +53,7 @@ from ..errors import (
     TransportError,
     UsageError,
 )
-from ..resolve.select import IndexStep
+from ..resolve.trace import IndexStep
 from .attrs import VolumeSpec
 
 Code = grpc.StatusCode

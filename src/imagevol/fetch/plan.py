@@ -21,7 +21,8 @@ from ..platform import Platform, host_platform
 from ..progress import ProgressEvent, ProgressFn
 from ..reference import LayoutReference, Reference, parse_any, ref_key
 from ..registry.transport import RegistryOptions
-from ..resolve.select import Selection, select_manifest
+from ..resolve.select import select_manifest
+from ..resolve.trace import Selection
 from ..sources.base import Source
 from ..sources.factory import open_source
 from ..sources.storesrc import StoreSource

@@ -15,7 +15,7 @@ from ..reference import LayoutReference, Reference, runtime_reference
 from ..sources.base import Source
 
 if TYPE_CHECKING:
-    from .select import IndexStep
+    from .trace import IndexStep
 
 __all__ = [
     "ARTIFACT_IS_IMAGE_ERROR",

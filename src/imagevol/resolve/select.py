@@ -17,9 +17,6 @@ Semantics ("how a runtime ranks index entries"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from .. import mediatypes as mt
 from ..errors import ImagevolError, ManifestError, NoMatchError
 from ..jsonutil import loads as json_loads
@@ -36,93 +33,17 @@ from .runtimes import (
     crio_pull_error,
     go_config_platform,
 )
+from .trace import EntryVerdict, IndexStep, Selection, platform_text
 
 POLICIES = ("native", "any")
 SEMANTICS = ("imagevol", "crio", "containerd")
 MAX_DEPTH = 8
 
 
-@dataclass
-class EntryVerdict:
-    """What happened to one index entry."""
-
-    position: int
-    descriptor: Descriptor
-    verdict: str  # match | platform-less | no-match | ignored | fallback
-    rank: tuple[int, int] | None = None
-    note: str = ""
-
-    @property
-    def platform(self) -> str | None:
-        p = self.descriptor.platform
-        return None if p is None else _fmt(p)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "position": self.position,
-            "digest": str(self.descriptor.digest),
-            "mediaType": self.descriptor.media_type,
-            "platform": self.platform,
-            "verdict": self.verdict,
-            "rank": list(self.rank) if self.rank else None,
-            "note": self.note,
-        }
-
-
-@dataclass
-class IndexStep:
-    """One index visited while selecting."""
-
-    digest: str
-    media_type: str
-    entries: list[EntryVerdict] = field(default_factory=list)
-    chosen: int | None = None  # position of the entry followed
-    reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "digest": self.digest,
-            "mediaType": self.media_type,
-            "entries": [e.to_dict() for e in self.entries],
-            "chosen": self.chosen,
-            "reason": self.reason,
-        }
-
-
-@dataclass
-class Selection:
-    """The manifest chosen for a node, and why."""
-
-    root: Descriptor
-    descriptor: Descriptor
-    manifest: Manifest
-    how: str  # direct | platform | platform-less | fallback
-    platform: Platform | None
-    steps: list[IndexStep] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "root": str(self.root.digest),
-            "digest": str(self.descriptor.digest),
-            "mediaType": self.descriptor.media_type,
-            "how": self.how,
-            "platform": _fmt(self.platform) if self.platform else None,
-            "kind": self.manifest.kind,
-            "steps": [s.to_dict() for s in self.steps],
-            "warnings": list(self.warnings),
-        }
-
-
-def _fmt(p: Platform) -> str:
-    s = str(p)
-    return s if s else "(empty)"
-
-
 def platforms_in(index: Index) -> list[str]:
     out = []
     for d in index.manifests:
-        out.append(_fmt(d.platform) if d.platform is not None else "(no platform)")
+        out.append(platform_text(d.platform) if d.platform is not None else "(no platform)")
     return out
 
 
@@ -203,11 +124,11 @@ class Selector:
                             d,
                             "no-match",
                             note="no platform; its config names "
-                            + (_fmt(cp) if cp and (cp.os or cp.architecture) else "no platform"),
+                            + (platform_text(cp) if cp and (cp.os or cp.architecture) else "no platform"),
                         )
                         step.entries.append(v)
                         continue
-                    v = EntryVerdict(pos, d, "platform-less", r, note=f"no platform; config says {_fmt(cp)}")
+                    v = EntryVerdict(pos, d, "platform-less", r, note=f"no platform; config says {platform_text(cp)}")
                     cands.append(((1, *r), v))
                     step.entries.append(v)
                     continue
@@ -232,7 +153,7 @@ class Selector:
                         m for m in matchers if m.accepted() and m.accepted()[0].architecture == d.platform.architecture
                     ]
                     if same:
-                        ok = ", ".join(dict.fromkeys(_fmt(p) for p in same[0].accepted()))
+                        ok = ", ".join(dict.fromkeys(platform_text(p) for p in same[0].accepted()))
                         note = f"the node accepts only {ok}"
                 step.entries.append(EntryVerdict(pos, d, "no-match", note=note))
                 continue
@@ -261,9 +182,9 @@ class Selector:
             fb = self._fallback(root, doc, steps, 0, {str(root.digest)})
             if fb is not None:
                 desc, man, plat = fb
-                taken = _fmt(plat) if plat else "no platform"
+                taken = platform_text(plat) if plat else "no platform"
                 warn = (
-                    f"no entry matches {', '.join(_fmt(p) for p in self.node)}; policy 'any' took "
+                    f"no entry matches {', '.join(platform_text(p) for p in self.node)}; policy 'any' took "
                     f"{desc.digest.short} ({taken}), the first entry in index order"
                 )
                 return Selection(root, desc, man, "fallback", plat, steps, [warn])
@@ -343,10 +264,12 @@ class Selector:
             assert cp is not None
             if not matcher.match(cp):
                 first.verdict = "no-match"
-                first.note = f"no platform; its config says {_fmt(normalize(cp))}; containerd tries no other entry"
+                first.note = (
+                    f"no platform; its config says {platform_text(normalize(cp))}; containerd tries no other entry"
+                )
                 step.reason = f"entry {first.position} has no platform and its config does not match"
                 raise self._no_match(root, doc, steps)
-            first.note = f"no platform; config says {_fmt(normalize(cp))}"
+            first.note = f"no platform; config says {platform_text(normalize(cp))}"
             step.reason = f"entry {first.position} has no platform; its config matches the node"
             return Selection(root, d, man, "platform-less", None, steps, [])
 
@@ -356,7 +279,7 @@ class Selector:
         matchers = self._cmatchers if self.semantics == "containerd" else self._crio
         same = [m for m in matchers if m.accepted() and m.accepted()[0].architecture == p.architecture]
         if same:
-            ok = ", ".join(dict.fromkeys(_fmt(x) for x in same[0].accepted()))
+            ok = ", ".join(dict.fromkeys(platform_text(x) for x in same[0].accepted()))
             return f"the node accepts only {ok}"
         return ""
 
@@ -498,7 +421,7 @@ class Selector:
         return None
 
     def _no_match(self, root: Descriptor, index: Index, steps: list[IndexStep]) -> NoMatchError:
-        node = ", ".join(_fmt(p) for p in self.node)
+        node = ", ".join(platform_text(p) for p in self.node)
         present = platforms_in(index)
         if self.semantics == "crio":
             w = self._crio[0].accepted()[0]
@@ -518,7 +441,7 @@ class Selector:
             hint += "; mount it anyway with --platform-policy any"
             first = index.manifests[0].platform
             if first is not None:
-                hint += f" or --platform {_fmt(first)}"
+                hint += f" or --platform {platform_text(first)}"
             hint += "; or repack it platform-less with `imagevol pack --agnostic`"
         return NoMatchError(msg, hint=hint, trace=steps)
 
