@@ -348,26 +348,26 @@ def test_access_answers_on_disk_name_no_secret_and_expire(tmp_path: Path) -> Non
     pub.start()
     secret = {"username": "alice", "password": "correct horse battery staple"}
     key = pub._creds_key(secret)
-    ident = pub._identity(key)
-    assert ident not in ("node", key) and pub._identity("") == "node"
+    ident = pub.access.identity(key)
+    assert ident not in ("node", key) and pub.access.identity("") == "node"
     d = Digest("sha256:" + "ab" * 32)
     repo = "registry.example.com/corp/secret-model"
-    assert not pub._is_allowed(ident, repo, d)
-    pub._allow(ident, repo, d)
-    assert pub._is_allowed(ident, repo, d)
-    assert not pub._is_allowed(ident, "registry.example.com/other", d)
-    assert not pub._is_allowed(pub._identity(pub._creds_key({**secret, "password": "x"})), repo, d)
+    assert not pub.access.is_allowed(ident, repo, d)
+    pub.access.allow(ident, repo, d)
+    assert pub.access.is_allowed(ident, repo, d)
+    assert not pub.access.is_allowed(ident, "registry.example.com/other", d)
+    assert not pub.access.is_allowed(pub.access.identity(pub._creds_key({**secret, "password": "x"})), repo, d)
     # Another process on the same store (a restart): same key, same answer.
     again = pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE, access_ttl=60))
     again.start()
-    assert again._identity(key) == ident and again._is_allowed(ident, repo, d)
+    assert again.access.identity(key) == ident and again.access.is_allowed(ident, repo, d)
     # A lower TTL than the answer was written with: not trusted.
     shorter = pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE, access_ttl=10))
-    assert not shorter._is_allowed(ident, repo, d)
+    assert not shorter.access.is_allowed(ident, repo, d)
     # Expired answers are removed at start.
-    path = pub._allowed_path(ident, repo, d)
+    path = pub.access.allowed_path(ident, repo, d)
     path.write_text('{"expires": 1}')
-    assert not pub._is_allowed(ident, repo, d)
+    assert not pub.access.is_allowed(ident, repo, d)
     pubmod.Publisher(pubmod.PluginConfig(root=root, node_id="n", platforms=NODE)).start()
     assert not path.exists()
     keyfile = root / "csi" / "identity.key"

@@ -73,40 +73,33 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
-import hmac
-import json
 import logging
 import os
-import secrets as _secrets
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..compose import pull_and_materialize
-from ..digest import Digest
-from ..errors import AuthError, ImagevolError, NotFoundError, StoreError, UsageError
+from ..errors import ImagevolError, NotFoundError, StoreError, UsageError
 from ..fetch import PullResult, plan_pull
-from ..manifest import Descriptor
 from ..materialize import MaterializeOptions, materialize
 from ..platform import Platform
 from ..progress import ProgressEvent
-from ..reference import Reference, parse_any
 from ..registry.egress import EgressPolicy
 from ..registry.transport import RegistryOptions
-from ..resolve.trace import Selection
-from ..sources.factory import open_source
-from ..sources.registry import RegistrySource
 from ..store import Store
 from ..unpack.applier import ApplyOptions
 from ..volume import Volume, create_volume, list_volumes, mountpoints, reconcile, remove_volume, resolve_subpath
 from . import DEFAULT_DRIVER_NAME
+from .access import Access, used_digests
 from .attrs import VolumeSpec, registry_credentials
 from .metrics import Metrics
+from .records import CSI_DIR, name_hash, read_json, write_json
 from .status import Cancelled, Conflict, Pending
 
 log = logging.getLogger("imagevol.csi")
@@ -114,51 +107,14 @@ log = logging.getLogger("imagevol.csi")
 FAILED_RESULT_TTL = 300.0
 """Seconds a failure nobody has been told about waits for the caller's retry."""
 MAX_CONCURRENT_PULLS = 4
-CSI_DIR = "csi"
 DEFAULT_ACCESS_TTL = 3600.0
 """Seconds a registry's confirmation that credentials may read a private digest is reused."""
-CHECK_CONCURRENCY = 4
-"""Private digests of one publish confirmed at the registry at once."""
-SAMPLE_BYTES = 4096
-"""Size of the slice of a private blob a registry must serve to confirm it holds the blob."""
 
 
 def materialize_options() -> MaterializeOptions:
     """How the plugin materializes every volume's snapshot: the shared pull builds it with these
     (while downloading, where it can) and :meth:`Publisher._make_volume` finds it ready."""
     return MaterializeOptions(apply=ApplyOptions())
-
-
-@dataclass(frozen=True)
-class Used:
-    """One digest a volume uses: a manifest or index (``manifest``), or a blob."""
-
-    digest: Digest
-    manifest: bool
-    size: int
-
-
-def used_digests(sel: Selection) -> list[Used]:
-    """Every digest a volume of this selection uses: the root, each index walked, the manifest, its
-    config and layers (inline data and empty blobs, which hold nothing private, left out)."""
-    out: list[Used] = []
-    seen: set[str] = set()
-
-    def add(d: Descriptor, manifest: bool) -> None:
-        if d.data is not None or (not manifest and d.size == 0) or str(d.digest) in seen:
-            return
-        seen.add(str(d.digest))
-        out.append(Used(d.digest, manifest, d.size))
-
-    add(sel.root, True)
-    for step in sel.steps:
-        entry = next((e for e in step.entries if e.position == step.chosen), None) if step.chosen is not None else None
-        if entry is not None:
-            add(entry.descriptor, True)
-    add(sel.descriptor, True)
-    for d in (sel.manifest.config, *sel.manifest.layers):
-        add(d, False)
-    return out
 
 
 @dataclass
@@ -259,35 +215,14 @@ def _subpath_inside(snap: Any, subpath: str, ref: str) -> bool:
     return True
 
 
-def _hash(text: str) -> str:
-    return hashlib.sha256(os.fsencode(text)).hexdigest()[:32]
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(doc, sort_keys=True))
-    os.rename(tmp, path)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.rename(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 class Publisher:
-    """The node service's state: jobs by (volume id, target), shared pulls, CSI records."""
+    """The node service's state: jobs by (volume id, target), shared pulls, CSI records.
+
+    One class of about 550 lines on purpose: jobs, shared pulls and the records they leave share
+    one lock (``_mu``) and one lifecycle (start, publish, unpublish, shutdown), and their
+    invariants (a job attaches to at most one shared pull, a pull's lease outlives it only while a
+    job uses it) are easier to hold in one place; the private-content gate is :class:`Access`
+    (access.py) and the record files are records.py."""
 
     def __init__(self, config: PluginConfig, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -302,7 +237,7 @@ class Publisher:
         self._start_mu = threading.Lock()
         self._started = False
         self._closing = False
-        self._identity_key: bytes | None = None
+        self.access = Access(self.store, config.access_ttl)
 
     # ---- paths
 
@@ -315,133 +250,10 @@ class Publisher:
         return self.store.root / CSI_DIR / "refs"
 
     def _record_path(self, target: Path) -> Path:
-        return self._volumes_dir / f"{_hash(os.fspath(target))}.json"
+        return self._volumes_dir / f"{name_hash(os.fspath(target))}.json"
 
     def _ref_marker(self, ref_key: str) -> Path:
-        return self._refs_dir / f"{_hash(ref_key)}.json"
-
-    @property
-    def _private_dir(self) -> Path:
-        return self.store.root / CSI_DIR / "private"
-
-    def _private_marker(self, digest: Digest) -> Path:
-        return self._private_dir / f"{digest.algorithm}-{digest.hex}.json"
-
-    def _is_private(self, digest: Digest) -> bool:
-        return self._private_marker(digest).exists()
-
-    def _mark_private(self, used: list[Used]) -> None:
-        for u in used:
-            marker = self._private_marker(u.digest)
-            if not marker.exists():
-                _write_json(marker, {"digest": str(u.digest), "manifest": u.manifest, "since": time.time()})
-
-    @property
-    def _allowed_dir(self) -> Path:
-        return self.store.root / CSI_DIR / "allowed"
-
-    def _identity(self, creds_key: str) -> str:
-        """Who asks, for the cache of registry answers: ``node`` (no volume secret: the node's
-        auth files), else an HMAC of the secret under the store's own random key."""
-        if not creds_key:
-            return "node"
-        if self._identity_key is None:
-            path = self.store.root / CSI_DIR / "identity.key"
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-            except FileExistsError:
-                key = path.read_bytes()
-            else:
-                key = _secrets.token_bytes(32)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(key)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if len(key) != 32:  # a torn write (a crash between create and write): a fresh key
-                key = _secrets.token_bytes(32)
-                _write_bytes_atomic(path, key)
-            self._identity_key = key
-        return hmac.new(self._identity_key, creds_key.encode(), "sha256").hexdigest()
-
-    def _allowed_path(self, identity: str, repo: str, digest: Digest) -> Path:
-        name = hashlib.sha256(f"{identity}\0{repo}\0{digest}".encode()).hexdigest()[:40]
-        return self._allowed_dir / f"{name}.json"
-
-    def _is_allowed(self, identity: str, repo: str, digest: Digest) -> bool:
-        doc = _read_json(self._allowed_path(identity, repo, digest))
-        expires = doc.get("expires") if doc else None
-        now = time.time()
-        # Also refused: an expiry further away than the TTL (a clock set back, a lower --access-ttl).
-        return isinstance(expires, int | float) and now < expires <= now + self.config.access_ttl
-
-    def _allow(self, identity: str, repo: str, digest: Digest) -> None:
-        if self.config.access_ttl > 0:
-            _write_json(self._allowed_path(identity, repo, digest), {"expires": time.time() + self.config.access_ttl})
-
-    def _sample(self, u: Used) -> tuple[int, bytes]:
-        n = min(u.size, SAMPLE_BYTES)
-        offset = _secrets.randbelow(u.size - n + 1)
-        with self.store.open_blob(u.digest) as f:
-            f.seek(offset)
-            return offset, f.read(n)
-
-    def _admit(
-        self, spec: VolumeSpec, res: PullResult, used: list[Used], proved: set[str], options: RegistryOptions,
-        creds_key: str,
-    ) -> None:  # fmt: skip
-        """Serve this pull's content to a volume with these credentials only if, for each private
-        digest it uses, the registry confirmed them (see the module docs); raises AuthError."""
-        private = [u for u in used if self._is_private(u.digest)]
-        if not private:
-            return
-        ref = parse_any(res.reference)
-        if not isinstance(ref, Reference):
-            raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
-        repo = ref.repository
-        identity = self._identity(creds_key)
-        todo: list[Used] = []
-        for u in private:
-            if str(u.digest) in proved:  # fetched from the registry with these credentials just now
-                self._allow(identity, repo, u.digest)
-            elif not self._is_allowed(identity, repo, u.digest):
-                todo.append(u)
-        if not todo:
-            return
-        if spec.pull_policy == "never":
-            u = todo[0]
-            raise AuthError(
-                f"{spec.image} uses {'manifest' if u.manifest else 'blob'} {u.digest}, which is in this node's store "
-                "only because another volume's registry credentials pulled it; with pullPolicy never the plugin "
-                "cannot check that this volume may read it",
-                hint='use pullPolicy "missing": the registry is asked once with this volume\'s credentials '
-                "(no download)",
-                status=403,
-            )
-        source = open_source(ref, options=options)
-        if not isinstance(source, RegistrySource):
-            raise AuthError(f"{spec.image}: private content can only be checked at a registry", status=403)
-
-        def confirm(u: Used) -> bool:
-            return source.confirm(u.digest, manifest=u.manifest, sample=(0, b"") if u.manifest else self._sample(u))
-
-        answers = [confirm(todo[0])]  # alone first: it settles the auth (a token) the others reuse
-        if answers[0] and len(todo) > 1:
-            with ThreadPoolExecutor(max_workers=CHECK_CONCURRENCY, thread_name_prefix="csi-check") as pool:
-                answers += pool.map(confirm, todo[1:])
-        for u, ok in zip(todo, answers, strict=False):
-            if not ok:
-                raise AuthError(
-                    f"{spec.image}: {ref.domain} does not confirm that this volume's credentials may read "
-                    f"{'manifest' if u.manifest else 'blob'} {u.digest} in {ref.path}; this node holds that content "
-                    "from another volume's registry credentials, and serves it only to volumes the registry lets "
-                    "read it",
-                    hint=f"the volume's credentials must be able to pull {repo}",
-                    status=403,
-                )
-        for u in todo:
-            self._allow(identity, repo, u.digest)
-        log.info("pull %s: the registry confirmed %d private digest(s) for this volume", spec.image, len(todo))
+        return self._refs_dir / f"{name_hash(ref_key)}.json"
 
     # ---- lifecycle
 
@@ -460,32 +272,19 @@ class Publisher:
         recorded = {v.target for v in list_volumes(self.store)}  # also undoes half-made volumes
         kept = 0
         for path in sorted(self._volumes_dir.glob("*.json")) if self._volumes_dir.is_dir() else []:
-            doc = _read_json(path)
+            doc = read_json(path)
             target = Path(doc["target"]) if doc and isinstance(doc.get("target"), str) else None
             if target is None or target not in recorded:
                 path.unlink(missing_ok=True)
             else:
                 kept += 1
         for path in sorted(self._refs_dir.glob("*.json")) if self._refs_dir.is_dir() else []:
-            doc = _read_json(path)
+            doc = read_json(path)
             if doc and isinstance(doc.get("ref"), str):
                 self._forget_ref_if_unused(doc["ref"])
             else:
                 path.unlink(missing_ok=True)
-        for path in sorted(self._private_dir.glob("*.json")) if self._private_dir.is_dir() else []:
-            doc = _read_json(path)
-            try:
-                gone = doc is None or not self.store.has_blob(Digest(str(doc.get("digest"))))
-            except Exception:
-                gone = True
-            if gone:  # reclaimed by gc: nothing left to protect
-                path.unlink(missing_ok=True)
-        now = time.time()
-        for path in sorted(self._allowed_dir.glob("*.json")) if self._allowed_dir.is_dir() else []:
-            doc = _read_json(path)
-            expires = doc.get("expires") if doc else None
-            if not isinstance(expires, int | float) or expires <= now:
-                path.unlink(missing_ok=True)
+        self.access.sweep()
         self.metrics.volumes.set(kept)
         log.info("store %s ready: %d volume(s) published by this plugin", self.store.root, kept)
         self._started = True
@@ -552,7 +351,7 @@ class Publisher:
         mounted = os.fspath(target) in mountpoints() if rec.mode == "bind" else os.path.lexists(target)
         if not mounted:
             return None
-        doc = _read_json(self._record_path(target))
+        doc = read_json(self._record_path(target))
         if doc is not None and volume_id is not None and doc.get("volumeId") not in (None, volume_id):
             raise Conflict(
                 f"target {target} already holds volume {doc.get('volumeId')} ({doc.get('image')}); "
@@ -735,7 +534,7 @@ class Publisher:
                     hint="fix the volume attribute subPath; `imagevol inspect REF` lists the layers and titles",
                 )
             vol = create_volume(store, snap, job.target, ref=res.reference, mode="auto", subpath=spec.subpath)
-        _write_json(
+        write_json(
             self._record_path(job.target),
             {
                 "volumeId": job.volume_id,
@@ -837,19 +636,19 @@ class Publisher:
                     used = used_digests(plan.selection)
                     if creds_key and plan.offline is None:
                         # What this secret fetches first is private, marked before the fetch starts.
-                        self._mark_private([u for u in used if not store.has_blob(u.digest)])
+                        self.access.mark_private([u for u in used if not store.has_blob(u.digest)])
                     # The snapshot is built with the pull (the largest layer extracted while it
-                    # downloads, where it can): store content, exposed by no volume before _admit.
+                    # downloads, where it can): store content, exposed by no volume before Access.admit.
                     res, snap, sp.streamed = pull_and_materialize(
                         plan, materialize_options(), lambda msg: log.warning("pull %s: %s", spec.image, msg)
                     )
                     if not existed and store.meta.get_ref(res.reference) is not None:
                         # The plugin's reference (forgotten with its last volume, or at once if refused).
-                        _write_json(self._ref_marker(res.reference), {"ref": res.reference, "since": time.time()})
+                        write_json(self._ref_marker(res.reference), {"ref": res.reference, "since": time.time()})
                     proved: set[str] = set()
                     if not res.offline:  # manifests were fetched (verified) from the registry just now
                         proved = {str(u.digest) for u in used if u.manifest} | (fetched - found)
-                    self._admit(spec, res, used, proved, options, creds_key)
+                    self.access.admit(spec, res, used, proved, options, creds_key)
                     lease = f"csi-pull:{os.getpid()}:{uuid.uuid4().hex[:8]}"
                     store.meta.add_lease(lease, [res.root_digest, res.digest], kind="pull", pid=os.getpid())
                 sp.lease = lease
@@ -885,7 +684,7 @@ class Publisher:
         self.ensure_started()
         tgt = canonical_target(path)
         rec = self.store.meta.get_volume_by_target(os.fspath(tgt))
-        doc = _read_json(self._record_path(tgt))
+        doc = read_json(self._record_path(tgt))
         if rec is None or (doc is not None and doc.get("volumeId") not in (None, volume_id)):
             raise NotFoundError(
                 f"volume {volume_id} is not published at {tgt}",
@@ -924,7 +723,7 @@ class Publisher:
         self.ensure_started()
         tgt = canonical_target(target)
         key = (volume_id, tgt)
-        record = _read_json(self._record_path(tgt))
+        record = read_json(self._record_path(tgt))
         if record is not None and record.get("volumeId") not in (None, volume_id):
             # Another volume is published there: this one is not, and that one is not ours to undo.
             log.warning(
@@ -943,7 +742,7 @@ class Publisher:
             with self._mu:  # a job still running stays in the table: it leaves when its thread is done
                 if self._jobs.get(key) is job and job.future.done():
                     del self._jobs[key]
-            record = _read_json(self._record_path(tgt))  # the job may just have written it
+            record = read_json(self._record_path(tgt))  # the job may just have written it
         ref_key: str | None = None
         try:
             vol = remove_volume(self.store, tgt)
