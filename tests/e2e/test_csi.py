@@ -665,7 +665,7 @@ def test_publish_extracts_while_it_downloads_and_materializes_once(
     import imagevol.csi.publisher as publisher
     from imagevol.csi.attrs import parse_attributes
     from imagevol.platform import parse_platform
-    from imagevol.registry.client import RegistryOptions
+    from imagevol.registry.transport import RegistryOptions
     from imagevol.registry.egress import EgressPolicy
 
     calls: list[tuple[str, bool, bool]] = []  # (who, fed by a pull in progress, snapshot created)
