@@ -104,6 +104,11 @@ class FileSink(Protocol):
 
 
 class _Applier:
+    """Applies entries onto the root; one class over 300 lines on purpose: resolution inside the
+    root (_walk), removal, whiteouts and every entry kind share one root descriptor, one _PathState
+    and one warning budget, and each step is a few lines that read that state. Resolution and
+    removal could become a base class in paths.py; that is left for a later split."""
+
     #: file_sink(fd of the new file, its size) for every regular file written (see apply_layer).
     file_sink: Callable[[int, int], FileSink | None] | None = None
 
