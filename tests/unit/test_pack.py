@@ -611,17 +611,17 @@ def test_layout_sink_blob_modes(tmp_path: Path) -> None:
 def test_second_pack_into_a_layout_reads_no_file_with_the_digest_cache(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import imagevol.pack as pack_module
+    import imagevol.pack.push as push_module
 
     monkeypatch.setattr(dc, "RACY_NS", 0)  # the files were written just now
     calls: list[str] = []
-    real = pack_module.hash_blob
+    real = push_module.hash_blob
 
     def counting(blob, *a, **kw):
         calls.append(blob.what)
         return real(blob, *a, **kw)
 
-    monkeypatch.setattr(pack_module, "hash_blob", counting)
+    monkeypatch.setattr(push_module, "hash_blob", counting)
     layout = tmp_path / "layout"
     kw = dict(format="image", platforms=["linux/amd64"], large_file_size=1 * MiB, digest_cache=tmp_path / "c.json")
     first = pack(tree, f"oci:{layout}:v1", **kw)
@@ -644,14 +644,14 @@ def test_second_pack_into_a_layout_reads_no_file_with_the_digest_cache(
 def test_large_blobs_are_hashed_while_copied_into_a_layout(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import imagevol.pack as pack_module
+    import imagevol.pack.push as push_module
     import imagevol.sinks.layout as layout_module
 
     monkeypatch.setattr(layout_module, "STREAM_MIN_SIZE", 1 * MiB)  # the 2 MiB shards stream
     calls: list[str] = []
-    real = pack_module.hash_blob
+    real = push_module.hash_blob
     monkeypatch.setattr(
-        pack_module, "hash_blob", lambda blob, *a, **kw: calls.append(blob.what) or real(blob, *a, **kw)
+        push_module, "hash_blob", lambda blob, *a, **kw: calls.append(blob.what) or real(blob, *a, **kw)
     )
     layout = tmp_path / "layout"
     kw = dict(format="artifact", digest_cache=DigestCache(None))
