@@ -665,8 +665,8 @@ def test_publish_extracts_while_it_downloads_and_materializes_once(
     import imagevol.csi.publisher as publisher
     from imagevol.csi.attrs import parse_attributes
     from imagevol.platform import parse_platform
-    from imagevol.registry.transport import RegistryOptions
     from imagevol.registry.egress import EgressPolicy
+    from imagevol.registry.transport import RegistryOptions
 
     calls: list[tuple[str, bool, bool]] = []  # (who, fed by a pull in progress, snapshot created)
 
