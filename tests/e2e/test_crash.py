@@ -274,10 +274,10 @@ POINTS = [
     Point("pull-first-blob-committed", "pull", "imagevol.store.ingest:Ingest.commit@after#1"),
     Point("pull-mid-big-blob", "pull", "imagevol.store.ingest:Ingest.mark_complete@after#3"),
     Point("pull-blobs-in-ref-not-set", "pull", "imagevol.store.meta:Meta.set_ref@before"),
-    Point("mount-mid-build", "mount", "imagevol.materialize:apply_layer@after#1"),
-    Point("mount-build-renamed-not-ready", "mount", "imagevol.materialize:_fsync_dir@before"),
+    Point("mount-mid-build", "mount", "imagevol.materialize.build:apply_layer@after#1"),
+    Point("mount-build-renamed-not-ready", "mount", "imagevol.materialize.build:_fsync_dir@before"),
     # the snapshot's record is written, its info file not yet, the tree still a `.build-*`
-    Point("mount-record-written-not-renamed", "mount", "imagevol.materialize:_write_info@after#1"),
+    Point("mount-record-written-not-renamed", "mount", "imagevol.materialize.build:_write_info@after#1"),
     # The read-only bind is one step (open_tree + mount_setattr + move_mount): killed right after it,
     # the volume is recorded already. (A kernel without that API falls back to bind + remount.)
     # Points name the module a name is looked up in: `_bind` is imported into imagevol.volume and

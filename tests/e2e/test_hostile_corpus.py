@@ -689,7 +689,7 @@ def test_bomb_limits_cover_tar_probing(registry, client, iv, monkeypatch) -> Non
     """An artifact tar whose first member is `.` of 2 GiB: looking for the first named entry must
     not inflate it all (found by this suite: the probe ran without limits and let tarfile skip
     whole members; fixed in d456923, the probe inflates at most 16 MiB)."""
-    import imagevol.materialize as mat
+    import imagevol.materialize.build as mat
 
     size = 2 << 30
     blob, _ = corpus.bomb(size, name=".", compression="zstd", trailer=[T("d/x", b"x")])

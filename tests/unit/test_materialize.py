@@ -940,12 +940,13 @@ def test_large_files_are_hashed_as_written_small_ones_when_recorded(
     """Files of HASH_AS_WRITTEN_MIN bytes or more are hashed from the data the applier writes (no
     re-read); smaller ones are read once when the record is written, so nothing is kept per file."""
     import imagevol.materialize as mat
+    import imagevol.materialize.record as mat_record
 
     big = os.urandom(mat.HASH_AS_WRITTEN_MIN) + b"tail"
     m = b.image([tar([("big.bin", big), ("small.txt", b"small"), ("d/", None)])])
     read: list[str] = []
-    real = mat._hash_at
-    monkeypatch.setattr(mat, "_hash_at", lambda dfd, name, *a: read.append(name) or real(dfd, name, *a))
+    real = mat_record._hash_at
+    monkeypatch.setattr(mat_record, "_hash_at", lambda dfd, name, *a: read.append(name) or real(dfd, name, *a))
     snap = materialize(store, m)
     assert read == ["small.txt"]
     entries = {e[0]: e for e in _record(store, snap.key)["entries"]}
