@@ -1,1 +1,2 @@
-"""Image sources: registries, OCI layouts and the local configuration they need."""
+"""Image sources, read side: one `Source` interface for a registry repository, an OCI layout
+and the store (the registry transport lives in `registry/`)."""
